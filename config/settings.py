@@ -1,0 +1,158 @@
+"""Daemon settings.
+
+Precedence, lowest first: built-in defaults < TOML file (``--config FILE``, else
+``qie-hotfolder.toml`` in the working folder) < environment (``QIE_*``; nested with ``__``,
+e.g. ``QIE_DEFAULTS__STEPS=8``) < command-line flags.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from pydantic import Field, model_validator
+from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
+
+from config.job import StageParameters
+
+DEFAULT_CONFIG_FILE = "qie-hotfolder.toml"
+
+
+class ConfigurationError(ValueError):
+    """Settings that cannot work; raised at start-up, before anything is touched."""
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="QIE_", env_nested_delimiter="__", extra="forbid",
+                                      validate_default=True)
+
+    # Folders
+    inbox: Path = Field(Path("inbox"), description="Where users drop job files and images.")
+    outbox: Path = Field(Path("outbox"), description="Where edited images and their manifests appear.")
+    failed: Path = Field(Path("failed"), description="Where failed jobs' original files and error reports go.")
+    archive: Path = Field(Path("archive"), description="Where finished jobs' original files go (see `originals`).")
+    work: Path = Field(Path("work"), description="Checkpoints and ingested inputs. Keep on local disk.")
+    state: Path = Field(Path("state.db"), description="SQLite database file (used when `database_url` is not set). Keep on local disk.")
+    database_url: Optional[str] = Field(None, description="SQLAlchemy URL; default `sqlite:///<state>`.")
+
+    # What happens to files
+    originals: Literal["archive", "delete"] = Field("archive", description="Finished jobs' originals: moved to `archive` or deleted.")
+
+    # Watching
+    watch_mode: Literal["auto", "native", "polling"] = Field("auto", description="`native` (inotify), `polling` (network shares), or `auto`: polling when the inbox is on NFS/SMB/FUSE.")
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between polls in polling mode.")
+    rescan_interval: float = Field(30.0, gt=0, description="Seconds between full rescans of the inbox (events are hints, the scan is truth).")
+    settle_seconds: float = Field(2.0, ge=0, description="A file is ready when its size and mtime have not changed for this long.")
+    missing_file_timeout: float = Field(3600.0, gt=0, description="A job waiting this long for a file it names fails, naming the file.")
+    corrupt_grace_seconds: float = Field(30.0, ge=0, description="An image that does not decode is given this long (stable) to finish arriving before the job fails.")
+    max_job_file_bytes: int = Field(1_000_000, gt=0, description="Job files larger than this are rejected.")
+    max_image_pixels: int = Field(100_000_000, gt=0, description="Images with more pixels are rejected (decompression-bomb guard).")
+
+    # Engine and models
+    engine: Literal["diffusers", "comfyui"] = Field("diffusers", description="Which library computes the stages.")
+    model_path: Optional[Path] = Field(None, description="diffusers-format Qwen-Image-Edit-2509 folder. Unset: the built-in tiny random model under `<work>/models/tiny` (outputs are noise).")
+    lora_dir: Optional[Path] = Field(None, description="Folder of LoRA files for the diffusers engine. Default: `<model_path>/loras`.")
+    comfyui_path: Optional[Path] = Field(None, description="ComfyUI checkout used as a library (engine `comfyui`).")
+    vae_name: str = Field("qwen_image_vae.safetensors", description="ComfyUI VAE file (folder `vae`).")
+    text_encoder_name: str = Field("qwen_2.5_vl_7b_fp8_scaled.safetensors", description="ComfyUI text encoder file (folder `text_encoders`).")
+    diffusion_model_name: str = Field("qwen_image_edit_2509_fp8_e4m3fn.safetensors", description="ComfyUI diffusion model file (folder `diffusion_models`).")
+    weight_dtype: Literal["default", "fp8_e4m3fn", "fp8_e4m3fn_fast", "fp8_e5m2"] = Field("default", description="UNETLoader weight_dtype (ComfyUI engine).")
+    vram_mode: Literal["auto", "lowvram", "normalvram", "highvram", "novram"] = Field("auto", description="ComfyUI memory mode.")
+    reserve_vram_gb: Optional[float] = Field(None, ge=0, description="VRAM ComfyUI leaves free, in GB.")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; `auto`: bfloat16 on CUDA, float32 on CPU.")
+    threads: int = Field(0, ge=0, description="torch CPU threads; 0: min(cores, 8). Fixed so that results are reproducible.")
+    model_memory_budget: Optional[int] = Field(None, gt=0, description="Bytes of loaded models kept in the cache; least recently used are evicted. Unset: no limit.")
+
+    # Queue
+    max_attempts: int = Field(3, ge=1, description="Tries for a job whose errors are transient (out of memory, I/O, device).")
+    retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")
+    max_crashes: int = Field(3, ge=1, description="A job that was running when the process died this many times is failed.")
+    lease_seconds: float = Field(300.0, gt=0, description="A claimed job whose lease is older than this is claimable again.")
+    save_partials: bool = Field(True, description="Write the latent after each sampling step so a long run resumes mid-way.")
+
+    # Checkpoint retention
+    cache_max_age_days: float = Field(30.0, gt=0, description="Checkpoints unused for this long are removed.")
+    cache_max_bytes: Optional[int] = Field(None, gt=0, description="Total size the checkpoint cache is trimmed to (oldest first).")
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
+    log_json: bool = Field(False, description="Log JSON lines instead of text.")
+
+    defaults: StageParameters = Field(default_factory=StageParameters, description="Job parameter defaults (a job file's values win).")
+
+    @model_validator(mode="after")
+    def _check(self) -> "Settings":
+        if self.engine == "comfyui" and self.comfyui_path is None:
+            raise ValueError("engine 'comfyui' needs comfyui_path (QIE_COMFYUI_PATH)")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings],
+                                   init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        toml_file = _CONFIG_FILE.get("path")
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    # Derived values --------------------------------------------------------------------------
+
+    @property
+    def url(self) -> str:
+        return self.database_url or f"sqlite:///{self.state}"
+
+    @property
+    def tiny_model_path(self) -> Path:
+        return self.work / "models" / "tiny"
+
+    @property
+    def effective_model_path(self) -> Path:
+        return self.model_path if self.model_path is not None else self.tiny_model_path
+
+    @property
+    def effective_lora_dir(self) -> Path:
+        return self.lora_dir if self.lora_dir is not None else self.effective_model_path / "loras"
+
+    @property
+    def effective_threads(self) -> int:
+        return self.threads or min(os.cpu_count() or 1, 8)
+
+    def folders(self) -> dict[str, Path]:
+        return {"inbox": self.inbox, "outbox": self.outbox, "failed": self.failed,
+                "archive": self.archive, "work": self.work}
+
+
+_CONFIG_FILE: dict[str, Optional[Path]] = {"path": None}
+
+
+def load_settings(config_file: Optional[os.PathLike[str] | str] = None, **overrides: Any) -> Settings:
+    """Build the settings from defaults, a TOML file, the environment and ``overrides``.
+
+    ``config_file`` None means ``qie-hotfolder.toml`` in the working folder when it exists.
+    Relative paths are made absolute against the working folder. Raises ConfigurationError.
+    """
+    path = Path(config_file) if config_file is not None else Path(DEFAULT_CONFIG_FILE)
+    if config_file is not None and not path.is_file():
+        raise ConfigurationError(f"configuration file not found: {path}")
+    _CONFIG_FILE["path"] = path if path.is_file() else None
+    try:
+        settings = Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:
+        raise ConfigurationError(f"invalid configuration ({path if path.is_file() else 'environment/flags'}): {exc}") from exc
+    finally:
+        _CONFIG_FILE["path"] = None
+    return _absolute(settings)
+
+
+def _absolute(settings: Settings) -> Settings:
+    updates = {}
+    for name in ("inbox", "outbox", "failed", "archive", "work", "state", "model_path", "lora_dir", "comfyui_path"):
+        value = getattr(settings, name)
+        if value is not None:
+            updates[name] = Path(os.path.abspath(os.path.expanduser(value)))
+    return settings.model_copy(update=updates)

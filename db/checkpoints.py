@@ -1,0 +1,83 @@
+"""The checkpoint index (fingerprint -> file and sha256) and the per-job stage run records."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Optional
+
+from sqlalchemy import delete, select, update
+from sqlalchemy.orm import Session
+
+from db.schema import Checkpoint, StageRun, utcnow
+
+
+def lookup(session: Session, fingerprint: str) -> Optional[Checkpoint]:
+    return session.get(Checkpoint, fingerprint)
+
+
+def record(session: Session, fingerprint: str, stage: str, path: str, sha256: str, size: int) -> None:
+    row = session.get(Checkpoint, fingerprint)
+    if row is None:
+        session.add(Checkpoint(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size))
+    else:
+        row.path, row.sha256, row.size, row.last_used_at = path, sha256, size, utcnow()
+
+
+def touch(session: Session, fingerprint: str) -> None:
+    session.execute(update(Checkpoint).where(Checkpoint.fingerprint == fingerprint)
+                    .values(last_used_at=utcnow()))
+
+
+def forget(session: Session, fingerprint: str) -> None:
+    session.execute(delete(Checkpoint).where(Checkpoint.fingerprint == fingerprint))
+
+
+def partial_fingerprint(fingerprint: str, step: int) -> str:
+    return f"{fingerprint}.step{step}"
+
+
+def partials(session: Session, fingerprint: str) -> list[Checkpoint]:
+    """The per-step partial checkpoints of a ``sample`` fingerprint, newest step first."""
+    rows = session.scalars(select(Checkpoint).where(Checkpoint.fingerprint.startswith(f"{fingerprint}.step")))
+    return sorted(rows, key=partial_step, reverse=True)
+
+
+def partial_step(row: Checkpoint) -> int:
+    return int(row.fingerprint.rsplit(".step", 1)[1])
+
+
+def unused_since(session: Session, cutoff: datetime) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).where(Checkpoint.last_used_at < cutoff)))
+
+
+def all_by_age(session: Session) -> list[Checkpoint]:
+    return list(session.scalars(select(Checkpoint).order_by(Checkpoint.last_used_at)))
+
+
+def start_run(session: Session, job_id: int, stage: str, fingerprint: str, device: str,
+              worker: str, resumed_from_step: Optional[int] = None) -> int:
+    run = StageRun(job_id=job_id, stage=stage, fingerprint=fingerprint, device=device, worker=worker,
+                   resumed_from_step=resumed_from_step, cache_hit=False)
+    session.add(run)
+    session.flush()
+    return run.id
+
+
+def finish_run(session: Session, run_id: int, sha256: Optional[str], duration_s: float,
+               cache_hit: bool = False, error: Optional[str] = None) -> None:
+    session.execute(update(StageRun).where(StageRun.id == run_id).values(
+        checkpoint_sha256=sha256, duration_s=duration_s, cache_hit=cache_hit, error=error,
+        finished_at=utcnow()))
+
+
+def record_hit(session: Session, job_id: int, stage: str, fingerprint: str, sha256: str,
+               device: str, worker: str) -> None:
+    now = utcnow()
+    session.add(StageRun(job_id=job_id, stage=stage, fingerprint=fingerprint, checkpoint_sha256=sha256,
+                         cache_hit=True, started_at=now, finished_at=now, duration_s=0.0,
+                         device=device, worker=worker))
+    touch(session, fingerprint)
+
+
+def runs_for(session: Session, job_id: int) -> list[StageRun]:
+    return list(session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id)))

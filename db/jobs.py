@@ -1,0 +1,232 @@
+"""Every job state transition, in one place.
+
+    waiting -> queued -> running -> done | failed | cancelled
+                 ^          |
+                 +----------+  (transient error with attempts left, crash, released at shutdown)
+
+Functions take a session; the caller owns the transaction (``with db.begin() as session``).
+Claiming is one conditional UPDATE that succeeds for exactly one claimer.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Optional, Sequence
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from db.schema import FINAL_STATES, Event, Job, JobState, utcnow
+
+
+class TransitionError(ValueError):
+    """The job is not in a state that allows this change."""
+
+
+def add_event(session: Session, job_id: Optional[int], kind: str, message: str, level: str = "info") -> None:
+    session.add(Event(job_id=job_id, kind=kind, message=message, level=level))
+
+
+def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: dict,
+               inputs: list, work_dir: str, priority: int = 0) -> Job:
+    job = Job(name=name, source=source, ingest_key=ingest_key, spec=spec, inputs=inputs,
+              work_dir=work_dir, priority=priority, state=JobState.QUEUED.value,
+              inbox_cleared=False, attempts=0, crashes=0, cancel_requested=False)
+    session.add(job)
+    session.flush()
+    add_event(session, job.id, "queued", f"ingested from {source}")
+    return job
+
+
+def find_uncleared_ingest(session: Session, ingest_key: str) -> Optional[Job]:
+    """A job made from this very drop whose inbox files were not yet removed (a crash in between)."""
+    stmt = select(Job).where(Job.ingest_key == ingest_key, Job.inbox_cleared.is_(False))
+    return session.scalars(stmt).first()
+
+
+def mark_inbox_cleared(session: Session, job_id: int) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(inbox_cleared=True))
+
+
+def get_job(session: Session, job_id: int) -> Optional[Job]:
+    return session.get(Job, job_id)
+
+
+def list_jobs(session: Session, states: Optional[Sequence[str]] = None, limit: int = 200) -> list[Job]:
+    stmt = select(Job).order_by(Job.id.desc()).limit(limit)
+    if states:
+        stmt = stmt.where(Job.state.in_(list(states)))
+    return list(session.scalars(stmt))
+
+
+def claimable(session: Session, now: datetime) -> list[Job]:
+    """Queued jobs whose retry time has come, best first (priority, then age)."""
+    stmt = (select(Job)
+            .where(Job.state == JobState.QUEUED.value,
+                   or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
+            .order_by(Job.priority.desc(), Job.created_at, Job.id))
+    return list(session.scalars(stmt))
+
+
+def next_retry_at(session: Session) -> Optional[datetime]:
+    stmt = (select(Job.next_attempt_at)
+            .where(Job.state == JobState.QUEUED.value, Job.next_attempt_at.is_not(None))
+            .order_by(Job.next_attempt_at).limit(1))
+    return session.scalars(stmt).first()
+
+
+def claim(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime) -> bool:
+    """Take a queued job for ``worker``. True only for the one claimer whose UPDATE changed the row."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+        .values(state=JobState.RUNNING.value, claimed_by=worker,
+                lease_until=now + timedelta(seconds=lease_seconds),
+                started_at=now, attempts=Job.attempts + 1, error=None, error_kind=None,
+                updated_at=now))
+    if result.rowcount != 1:
+        return False
+    add_event(session, job_id, "claimed", f"claimed by {worker}")
+    return True
+
+
+def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime,
+                stage: Optional[str] = None, step: Optional[int] = None,
+                steps_total: Optional[int] = None) -> bool:
+    """Extend the lease and record progress; False when the job is no longer ours."""
+    values: dict = {"lease_until": now + timedelta(seconds=lease_seconds), "updated_at": now}
+    if stage is not None:
+        values.update(stage=stage, step=step, steps_total=steps_total)
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == worker,
+                          Job.state == JobState.RUNNING.value).values(**values))
+    return result.rowcount == 1
+
+
+def cancel_requested(session: Session, job_id: int) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == job_id)))
+
+
+def reserve_output_name(session: Session, job_id: int, output_name: str) -> None:
+    session.execute(update(Job).where(Job.id == job_id).values(output_name=output_name))
+
+
+def _finish(session: Session, job_id: int, worker: str, state: JobState, **values) -> None:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
+        .values(state=state.value, claimed_by=None, lease_until=None, finished_at=utcnow(), **values))
+    if result.rowcount != 1:
+        raise TransitionError(f"job {job_id} is no longer running for {worker}")
+
+
+def mark_done(session: Session, job_id: int, worker: str, result: dict) -> None:
+    _finish(session, job_id, worker, JobState.DONE, result=result, stage=None, step=None)
+    add_event(session, job_id, "done", f"published {result.get('image')}")
+
+
+def mark_failed(session: Session, job_id: int, worker: str, error: str, kind: str) -> None:
+    _finish(session, job_id, worker, JobState.FAILED, error=error, error_kind=kind)
+    add_event(session, job_id, "failed", error, level="error")
+
+
+def mark_cancelled(session: Session, job_id: int, worker: str) -> None:
+    _finish(session, job_id, worker, JobState.CANCELLED, error="cancelled on request")
+    add_event(session, job_id, "cancelled", "cancelled while running")
+
+
+def schedule_retry(session: Session, job_id: int, worker: str, error: str, at: datetime) -> None:
+    result = session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None, next_attempt_at=at,
+                error=error, error_kind="transient"))
+    if result.rowcount != 1:
+        raise TransitionError(f"job {job_id} is no longer running for {worker}")
+    add_event(session, job_id, "retry", f"{error}; retrying at {at:%Y-%m-%d %H:%M:%S} UTC", level="warning")
+
+
+def release(session: Session, job_id: int, worker: str, reason: str) -> None:
+    """Give a running job back to the queue without counting an attempt (graceful stop)."""
+    session.execute(
+        update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
+        .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None,
+                attempts=Job.attempts - 1))
+    add_event(session, job_id, "released", reason)
+
+
+def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int) -> list[tuple[int, str]]:
+    """Requeue running jobs whose worker died (``is_dead(claimed_by)``) or whose lease expired.
+
+    Each such job counts a crash; one that reached ``max_crashes`` is failed so that a job which
+    kills the process cannot stop the queue. Returns ``(job_id, new_state)`` pairs.
+    """
+    stmt = select(Job).where(Job.state == JobState.RUNNING.value)
+    changed = []
+    for job in session.scalars(stmt):
+        expired = job.lease_until is None or job.lease_until < now
+        if not (expired or is_dead(job.claimed_by)):
+            continue
+        job.crashes += 1
+        where = f"during {job.stage}" + (f" step {job.step}" if job.step else "") if job.stage else "while claimed"
+        if job.crashes >= max_crashes:
+            job.state = JobState.FAILED.value
+            job.error = f"the process died {job.crashes} times while running this job ({where})"
+            job.error_kind = "crash"
+            job.finished_at = now
+            add_event(session, job.id, "failed", job.error, level="error")
+        else:
+            job.state = JobState.QUEUED.value
+            job.attempts = max(job.attempts - 1, 0)
+            add_event(session, job.id, "recovered",
+                      f"worker {job.claimed_by} stopped {where}; resuming from the last checkpoint",
+                      level="warning")
+        job.claimed_by = None
+        job.lease_until = None
+        changed.append((job.id, job.state))
+    return changed
+
+
+def retry(session: Session, job_id: int) -> Job:
+    """A person asks to run a failed or cancelled job again."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise TransitionError(f"no job {job_id}")
+    if job.state not in (JobState.FAILED.value, JobState.CANCELLED.value):
+        raise TransitionError(f"job {job_id} is {job.state}; only failed or cancelled jobs can be retried")
+    job.state = JobState.QUEUED.value
+    job.attempts = 0
+    job.crashes = 0
+    job.error = None
+    job.error_kind = None
+    job.next_attempt_at = None
+    job.cancel_requested = False
+    job.finished_at = None
+    add_event(session, job_id, "queued", "retry requested")
+    return job
+
+
+def cancel(session: Session, job_id: int) -> Job:
+    """Cancel a queued job at once, or ask a running one to stop at its next step."""
+    job = session.get(Job, job_id)
+    if job is None:
+        raise TransitionError(f"no job {job_id}")
+    if job.state in FINAL_STATES:
+        raise TransitionError(f"job {job_id} is already {job.state}")
+    if job.state == JobState.RUNNING.value:
+        job.cancel_requested = True
+        add_event(session, job_id, "cancel", "cancel requested; stopping at the next step")
+    else:
+        job.state = JobState.CANCELLED.value
+        job.finished_at = utcnow()
+        job.error = "cancelled on request"
+        add_event(session, job_id, "cancelled", "cancelled before it ran")
+    return job
+
+
+def events_for(session: Session, job_id: int) -> list[Event]:
+    return list(session.scalars(select(Event).where(Event.job_id == job_id).order_by(Event.id)))
+
+
+def counts_by_state(session: Session) -> dict[str, int]:
+    rows = session.execute(select(Job.state, func.count()).group_by(Job.state))
+    return {state: count for state, count in rows}
+

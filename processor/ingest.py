@@ -1,0 +1,262 @@
+"""Ingest: turn a ready job in the inbox into a queued job, exactly once.
+
+1. Wait until the job file and every file it names exist and have settled.
+2. Copy the job's files into ``work/jobs/<dir>/originals``, hashing while copying, fsync.
+3. Record the job with its input hashes in the database.
+4. Only then remove the files from the inbox, and mark the job's inbox copy as cleared.
+
+A crash between 3 and 4 leaves the files in the inbox; the next scan finds a job recorded
+from the same bytes whose inbox copy was never cleared, and only finishes step 4. Bad job
+files go to ``failed/`` with their files and a report naming the field; nothing is deleted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import secrets
+import shutil
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+from config import JobFile, JobFileError, Settings, StageParameters, parse_job_file
+from db import Database, jobs
+from processor import publish
+from processor.faults import fault_point
+from processor.inbox import Candidate, SettleTracker, find_candidates, remove_empty_dirs, resolve_inside
+from stages.checkpoint import fsync_dir
+from stages.prepare import ImageError, load_image
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Waiting:
+    """Why a candidate is not ingested yet."""
+
+    first_seen: float
+    reason: str = ""
+    missing: bool = False  # waiting for a file that does not exist (waiting longer will not help --once)
+
+
+@dataclass
+class ScanResult:
+    ingested: list[int] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    waiting: dict[str, str] = field(default_factory=dict)  # source -> reason
+    inbox_missing: bool = False
+
+
+class Ingestor:
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+        self.tracker = SettleTracker(settings.settle_seconds)
+        self.waiting: dict[str, Waiting] = {}
+
+    def scan(self, now: float) -> ScanResult:
+        """Look at everything in the inbox once; ingest what is ready."""
+        result = ScanResult()
+        inbox = self.settings.inbox
+        if not inbox.is_dir():
+            result.inbox_missing = True
+            return result
+        candidates = find_candidates(inbox)
+        present = {c.source for c in candidates}
+        for gone in set(self.waiting) - present:
+            del self.waiting[gone]
+        for candidate in candidates:
+            waiting = self.waiting.setdefault(candidate.source, Waiting(first_seen=now))
+            try:
+                job_id = self._consider(candidate, waiting, now)
+            except JobFileError as exc:
+                self._reject(candidate, exc)
+                result.failed.append(candidate.source)
+                continue
+            except OSError as exc:
+                # The inbox vanished mid-scan or a file is unreadable: try again later.
+                waiting.reason = f"cannot read: {exc}"
+                log.warning("%s: %s", candidate.source, waiting.reason)
+                result.waiting[candidate.source] = waiting.reason
+                continue
+            if job_id is None:
+                result.waiting[candidate.source] = waiting.reason
+            else:
+                self.waiting.pop(candidate.source, None)
+                result.ingested.append(job_id)
+        return result
+
+    # 1. Readiness ---------------------------------------------------------------------------
+
+    def _consider(self, candidate: Candidate, waiting: Waiting, now: float) -> Optional[int]:
+        waiting.missing = False
+        if not self.tracker.settled(candidate.job_file, now):
+            waiting.reason = "job file still changing"
+            return None
+        size = candidate.job_file.stat().st_size
+        if size > self.settings.max_job_file_bytes:
+            raise JobFileError(candidate.source, f"{size} bytes is more than max_job_file_bytes="
+                               f"{self.settings.max_job_file_bytes}")
+        job, params = parse_job_file(candidate.job_file.read_bytes(), candidate.source, self.settings.defaults)
+        images = {key: resolve_inside(candidate.folder, rel, candidate.source, key)
+                  for key, rel in job.images().items()}
+        for key, path in images.items():
+            reason = self._image_not_ready(candidate, key, path, waiting, now)
+            if reason:
+                waiting.reason = reason
+                return None
+        if candidate.is_folder and not all(self.tracker.settled(p, now) for p in candidate.owned_files()):
+            waiting.reason = "other files in the job folder still changing"
+            return None
+        return self._ingest(candidate, job, params, images)
+
+    def _image_not_ready(self, candidate: Candidate, key: str, path: Path, waiting: Waiting,
+                         now: float) -> Optional[str]:
+        rel = getattr_str(path, candidate.folder)
+        if not path.is_file():
+            waiting.missing = True
+            if now - waiting.first_seen > self.settings.missing_file_timeout:
+                raise JobFileError(candidate.source, f"image file {rel!r} did not appear within "
+                                   f"{self.settings.missing_file_timeout:.0f} s", key)
+            if waiting.reason != f"waiting for {key} ({rel})":
+                log.info("%s: waiting for %s (%s)", candidate.source, key, rel)
+            return f"waiting for {key} ({rel})"
+        if not self.tracker.settled(path, now):
+            return f"{key} ({rel}) still being written"
+        try:
+            load_image(path, key, self.settings.max_image_pixels)
+        except ImageError as exc:
+            # A writer that paused longer than the settle time leaves a truncated image: give it
+            # a while before calling the file broken.
+            if self.tracker.stable_for(path, now) < self.settings.corrupt_grace_seconds:
+                return f"{key} ({rel}) is not a complete image yet"
+            raise JobFileError(candidate.source, str(exc), key) from exc
+        return None
+
+    # 2-4. Ingest ----------------------------------------------------------------------------
+
+    def _ingest(self, candidate: Candidate, job: JobFile, params: StageParameters,
+                images: dict[str, Path]) -> int:
+        files = candidate.owned_files(images.values())
+        key = ingest_key(candidate, files)
+        with self.db.begin() as session:
+            existing = jobs.find_uncleared_ingest(session, key)
+            existing_id = existing.id if existing else None
+        if existing_id is not None:
+            log.info("%s: already recorded as job %d; finishing its removal from the inbox",
+                     candidate.source, existing_id)
+            self._clear_inbox(candidate, files, existing_id)
+            return existing_id
+
+        work_dir = self.settings.work / "jobs" / f"{key[:16]}-{uuid.uuid4().hex[:8]}"
+        originals = work_dir / "originals"
+        inputs = []
+        for path in files:
+            relative = path.relative_to(candidate.folder).as_posix()
+            sha, size = copy_durably(path, originals / relative)
+            label = next((k for k, p in images.items() if p == path), None)
+            inputs.append({"key": label, "name": relative, "sha256": sha, "size": size})
+        fsync_dir(originals)
+        fault_point("ingest.copied")
+
+        seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
+        spec = {
+            "job_file": job.model_dump(exclude_none=True, mode="json"),
+            "job_file_name": candidate.job_file.relative_to(candidate.folder).as_posix(),
+            "prompt": job.prompt,
+            "negative_prompt": job.negative_prompt,
+            "images": {k: p.relative_to(candidate.folder).as_posix() for k, p in images.items()},
+            "seed": seed,
+            "seed_source": "job file" if job.seed is not None else "chosen at ingest",
+            "parameters": params.model_dump(mode="json"),
+            "output_name": job.output_name or candidate.name,
+            "is_folder": candidate.is_folder,
+        }
+        with self.db.begin() as session:
+            row = jobs.create_job(session, name=candidate.name, source=candidate.source, ingest_key=key,
+                                  spec=spec, inputs=inputs, work_dir=str(work_dir), priority=job.priority)
+            job_id = row.id
+        log.info("job %d ingested from %s (seed %d)", job_id, candidate.source, seed)
+        fault_point("ingest.recorded")
+        self._clear_inbox(candidate, files, job_id)
+        return job_id
+
+    def _clear_inbox(self, candidate: Candidate, files: list[Path], job_id: int) -> None:
+        for path in files:
+            path.unlink(missing_ok=True)
+        if candidate.is_folder:
+            remove_empty_dirs(candidate.folder)
+        fsync_dir(self.settings.inbox)
+        self.tracker.forget(files)
+        with self.db.begin() as session:
+            jobs.mark_inbox_cleared(session, job_id)
+
+    # Rejection ------------------------------------------------------------------------------
+
+    def _reject(self, candidate: Candidate, error: JobFileError) -> None:
+        log.error("%s", error)
+        images = []
+        try:
+            raw = candidate.job_file.read_bytes()
+            job, _ = parse_job_file(raw, candidate.source, self.settings.defaults)
+            for key, rel in job.images().items():
+                try:
+                    path = resolve_inside(candidate.folder, rel, candidate.source, key)
+                except JobFileError:
+                    continue
+                if path.is_file() and not path.is_symlink():
+                    images.append(path)
+        except (JobFileError, OSError):
+            pass
+        files = candidate.owned_files(images)
+        publish.report_rejected(self.settings, candidate.name, candidate.folder, files,
+                                source=candidate.source, error=str(error), field=error.field)
+        if candidate.is_folder:
+            remove_empty_dirs(candidate.folder)
+        self.tracker.forget(files)
+        self.waiting.pop(candidate.source, None)
+        with self.db.begin() as session:
+            jobs.add_event(session, None, "rejected", str(error), level="error")
+
+
+def getattr_str(path: Path, folder: Path) -> str:
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def ingest_key(candidate: Candidate, files: list[Path]) -> str:
+    """Identity of one drop: where it came from and the bytes of every file it owns."""
+    digest = hashlib.sha256(candidate.source.encode())
+    for path in files:
+        digest.update(path.relative_to(candidate.folder).as_posix().encode() + b"\0")
+        digest.update(file_sha256(path).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def copy_durably(source: Path, target: Path) -> tuple[str, int]:
+    """Copy a file, fsync it, and return the sha256 and size of exactly the bytes copied."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    with open(source, "rb") as src, open(target, "wb") as dst:
+        while block := src.read(1 << 20):
+            digest.update(block)
+            dst.write(block)
+            size += len(block)
+        dst.flush()
+        os.fsync(dst.fileno())
+    shutil.copystat(source, target, follow_symlinks=False)
+    return digest.hexdigest(), size

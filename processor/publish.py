@@ -1,0 +1,122 @@
+"""The outbox, failed/ and archive/ contracts.
+
+- outbox: ``<name>.<png|jpg|webp>`` then ``<name>.json`` (the manifest), each written under a
+  hidden temporary name beside the target and renamed into place, so a watcher downstream
+  never sees half a file. A name already taken gets a suffix (``name-1``), never an overwrite;
+  the chosen name is reserved in the database first, so a publish repeated after a crash
+  rewrites the same files instead of making a duplicate.
+- failed: ``<name>.error.json`` and a folder ``<name>/`` with the job's original files.
+- archive: a folder ``<job id>-<name>/`` with the original files of a finished job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+import torch
+from PIL import Image, PngImagePlugin
+
+from config import Settings
+from processor.faults import fault_point
+from processor.inbox import move_files, unique_path
+from stages.checkpoint import sha256_bytes, write_atomic
+
+log = logging.getLogger(__name__)
+
+EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
+
+
+def image_bytes(image: torch.Tensor, output_format: str, quality: int, text: dict[str, str]) -> bytes:
+    """Encode a float [H, W, 3] 0..1 image; PNGs carry ``text`` as tEXt chunks."""
+    array = (image.detach().to(torch.float32).cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
+    picture = Image.fromarray(array, "RGB")
+    buffer = io.BytesIO()
+    if output_format == "png":
+        info = PngImagePlugin.PngInfo()
+        for key, value in text.items():
+            info.add_text(key, value)
+        picture.save(buffer, format="PNG", pnginfo=info)
+    elif output_format == "jpg":
+        picture.save(buffer, format="JPEG", quality=quality)
+    elif output_format == "webp":
+        picture.save(buffer, format="WEBP", quality=quality)
+    else:
+        raise ValueError(f"unknown output format {output_format!r}")
+    return buffer.getvalue()
+
+
+def choose_output_name(outbox: Path, wanted: str, output_format: str) -> str:
+    """A base name free for both the image and the manifest."""
+    _, name = unique_path(outbox, wanted, (EXTENSIONS[output_format], ".json"))
+    return name
+
+
+def publish(outbox: Path, name: str, image: bytes, output_format: str, manifest: dict[str, Any]) -> dict[str, str]:
+    """Write image then manifest into the outbox under the reserved ``name``."""
+    outbox.mkdir(parents=True, exist_ok=True)
+    image_path = outbox / f"{name}{EXTENSIONS[output_format]}"
+    write_atomic(image_path, image)
+    fault_point("publish.image")
+    manifest = {**manifest, "output": {**manifest.get("output", {}), "file": image_path.name,
+                                       "sha256": sha256_bytes(image), "bytes": len(image)}}
+    manifest_path = outbox / f"{name}.json"
+    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    fault_point("publish.manifest")
+    return {"image": str(image_path), "manifest": str(manifest_path), "sha256": sha256_bytes(image)}
+
+
+def _write_error(failed: Path, name: str, report: dict[str, Any]) -> Path:
+    path = failed / f"{name}.error.json"
+    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+    return path
+
+
+def report_rejected(settings: Settings, name: str, base: Path, files: Iterable[Path], *, source: str,
+                    error: str, field: Optional[str]) -> Path:
+    """Move a job that was never ingested to failed/, with a report naming the problem."""
+    failed = settings.failed
+    failed.mkdir(parents=True, exist_ok=True)
+    folder, name = unique_path(failed, name, ("", ".error.json"))
+    moved = move_files(files, base, folder)
+    report = {"job": name, "source": source, "error": error, "field": field, "kind": "permanent",
+              "stage": "ingest", "files": moved, "at": _now(),
+              "hint": "fix the job file, then move the files in this folder back into the inbox"}
+    return _write_error(failed, name, report)
+
+
+def report_failed(settings: Settings, name: str, originals: Path, report: dict[str, Any]) -> Path:
+    """Copy a failed job's originals to failed/ beside its error report (work keeps its copy for retry)."""
+    failed = settings.failed
+    failed.mkdir(parents=True, exist_ok=True)
+    folder, name = unique_path(failed, name, ("", ".error.json"))
+    copied = []
+    if originals.is_dir():
+        shutil.copytree(originals, folder)
+        copied = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    return _write_error(failed, name, {**report, "files": copied, "at": _now(),
+                                       "hint": "fix the problem, then run: python run.py retry "
+                                               f"{report.get('job_id')} (or move these files back into the inbox)"})
+
+
+def archive_originals(settings: Settings, job_id: int, name: str, originals: Path) -> Optional[Path]:
+    """Move a finished job's originals to archive/ or delete them, as configured."""
+    if not originals.is_dir():
+        return None
+    if settings.originals == "delete":
+        shutil.rmtree(originals)
+        return None
+    settings.archive.mkdir(parents=True, exist_ok=True)
+    target, _ = unique_path(settings.archive, f"{job_id}-{name}")
+    shutil.move(str(originals), str(target))
+    return target
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")

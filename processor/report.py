@@ -1,0 +1,161 @@
+"""What ``status``, ``show`` and ``doctor`` print."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from datetime import timedelta
+from typing import Any, Optional
+
+from config import Settings
+from db import Database, checkpoints, jobs, utcnow
+from db.schema import Event
+from sqlalchemy import select
+
+
+def _age(then) -> str:
+    seconds = max((utcnow() - then).total_seconds(), 0)
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _progress(job) -> str:
+    if job.state != "running" or not job.stage:
+        return ""
+    if job.steps_total:
+        return f"{job.step or 0}/{job.steps_total}"
+    return "..."
+
+
+def status_rows(db: Database, include_finished: bool = True, limit: int = 50) -> tuple[list[dict], list[dict]]:
+    states = None if include_finished else ["waiting", "queued", "running"]
+    with db.begin() as session:
+        rows = [{"id": j.id, "name": j.name, "state": j.state, "stage": j.stage or "", "progress": _progress(j),
+                 "attempts": j.attempts, "age": _age(j.created_at), "created_at": j.created_at.isoformat() + "Z",
+                 "error": j.error or "", "output": (j.result or {}).get("image", "")}
+                for j in jobs.list_jobs(session, states, limit)]
+        since = utcnow() - timedelta(hours=1)
+        alarms = [{"at": e.at.isoformat() + "Z", "message": e.message}
+                  for e in session.scalars(select(Event).where(Event.job_id.is_(None), Event.kind == "alarm",
+                                                               Event.at >= since).order_by(Event.id.desc()).limit(1))
+                  if e.level == "error"]
+    return rows, alarms
+
+
+def status_table(rows: list[dict], alarms: list[dict]) -> str:
+    lines = [f"ALARM {a['at']}: {a['message']}" for a in alarms]
+    if not rows:
+        return "\n".join(lines + ["no jobs yet"])
+    header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "DETAIL")
+    body = [(str(r["id"]), r["name"][:32], r["state"], r["stage"], r["progress"], r["age"],
+             (r["error"] or os.path.basename(r["output"]))[:60]) for r in rows]
+    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(lines + [fmt.format(*header)] + [fmt.format(*b) for b in body])
+
+
+def job_detail(db: Database, job_id: int) -> Optional[dict[str, Any]]:
+    with db.begin() as session:
+        job = jobs.get_job(session, job_id)
+        if job is None:
+            return None
+        return {
+            "id": job.id, "name": job.name, "state": job.state, "stage": job.stage, "step": job.step,
+            "steps_total": job.steps_total, "source": job.source, "priority": job.priority,
+            "attempts": job.attempts, "crashes": job.crashes, "error": job.error, "error_kind": job.error_kind,
+            "next_attempt_at": job.next_attempt_at, "created_at": job.created_at, "finished_at": job.finished_at,
+            "seed": job.spec.get("seed"), "prompt": job.spec.get("prompt"),
+            "parameters": job.spec.get("parameters"), "inputs": job.inputs, "result": job.result,
+            "stage_runs": [{"stage": r.stage, "cache_hit": r.cache_hit, "duration_s": r.duration_s,
+                            "resumed_from_step": r.resumed_from_step, "fingerprint": r.fingerprint[:16],
+                            "error": r.error, "started_at": r.started_at}
+                           for r in checkpoints.runs_for(session, job_id)],
+            "events": [{"at": e.at, "level": e.level, "kind": e.kind, "message": e.message}
+                       for e in jobs.events_for(session, job_id)],
+        }
+
+
+def job_detail_text(d: dict[str, Any]) -> str:
+    lines = [f"job {d['id']} {d['name']}: {d['state']}" + (f" ({d['stage']})" if d["stage"] else ""),
+             f"  source: {d['source']}   seed: {d['seed']}   attempts: {d['attempts']}   crashes: {d['crashes']}",
+             f"  prompt: {d['prompt']}"]
+    if d["error"]:
+        lines.append(f"  error ({d['error_kind']}): {d['error']}")
+    if d["result"]:
+        lines.append(f"  output: {d['result'].get('image')}")
+    lines.append("  stages:")
+    for r in d["stage_runs"]:
+        how = "reused" if r["cache_hit"] else f"{(r['duration_s'] or 0):.3f}s"
+        if r["resumed_from_step"]:
+            how += f", resumed after step {r['resumed_from_step']}"
+        lines.append(f"    {r['stage']:<14} {how}" + (f"  ERROR {r['error']}" if r["error"] else ""))
+    lines.append("  events:")
+    lines += [f"    {e['at']:%Y-%m-%d %H:%M:%S} {e['level']:<7} {e['kind']}: {e['message']}" for e in d["events"]]
+    return "\n".join(lines)
+
+
+def doctor(settings: Settings) -> dict[str, Any]:
+    """Engine importable, model files found, device and free memory."""
+    report: dict[str, Any] = {"engine": settings.engine, "checks": []}
+
+    def check(name: str, ok: bool, detail: str) -> None:
+        report["checks"].append({"check": name, "ok": ok, "detail": detail})
+
+    for name, folder in settings.folders().items():
+        exists = folder.is_dir()
+        free = shutil.disk_usage(folder).free if exists else None
+        check(f"folder {name}", exists or name != "inbox",
+              f"{folder} " + (f"({free / 1e9:.1f} GB free)" if free is not None else "(will be created)"))
+    try:
+        import torch
+        cuda = torch.cuda.is_available()
+        device = torch.cuda.get_device_name(0) if cuda else "cpu"
+        mem = (f"{torch.cuda.mem_get_info()[0] / 1e9:.1f} GB free GPU memory" if cuda else "")
+        check("torch", True, f"torch {torch.__version__}, device {device} {mem}".strip())
+    except ImportError as exc:
+        check("torch", False, f"not importable: {exc}")
+    try:
+        import psutil  # optional
+        check("memory", True, f"{psutil.virtual_memory().available / 1e9:.1f} GB RAM available")
+    except ImportError:
+        pass
+    if settings.engine == "diffusers":
+        _doctor_diffusers(settings, check)
+    else:
+        try:
+            from stages.comfyui_engine import comfyui_report
+            comfy = comfyui_report(settings)
+            report["comfyui"] = comfy
+            check("comfyui", bool(comfy.get("ok")), str(comfy.get("summary", comfy)))
+        except ImportError as exc:
+            check("comfyui", False, f"engine not available: {exc}")
+    report["ok"] = all(c["ok"] for c in report["checks"])
+    return report
+
+
+def _doctor_diffusers(settings: Settings, check) -> None:
+    try:
+        import diffusers
+        check("diffusers", True, f"diffusers {diffusers.__version__}")
+    except ImportError as exc:
+        check("diffusers", False, f"not importable: {exc} (pip install 'qie-hotfolder[diffusers]')")
+    path = settings.effective_model_path
+    if settings.model_path is None:
+        check("model", True, f"built-in tiny random model at {path} (outputs are noise; built on first use)")
+        return
+    for part in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"):
+        found = (path / part).exists()
+        check(f"model {part}", found, str(path / part))
+    lora = settings.defaults.lora
+    if lora:
+        lora_path = settings.effective_lora_dir / lora
+        check("default LoRA", lora_path.is_file(), str(lora_path))
+
+
+def doctor_text(report: dict[str, Any]) -> str:
+    lines = [f"engine: {report['engine']}"]
+    lines += [f"  [{'ok' if c['ok'] else '!!'}] {c['check']}: {c['detail']}" for c in report["checks"]]
+    lines.append("all good" if report["ok"] else "problems found (marked !!)")
+    return "\n".join(lines)

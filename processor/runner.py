@@ -1,0 +1,310 @@
+"""Running a claimed job: stages with checkpoints, then publishing.
+
+For the final stage, ``obtain`` returns a verified checkpoint when one exists under the
+fingerprint, or computes it from the checkpoints of the stages it reads (obtained the same
+way). So a job resumes at the first missing checkpoint, a changed seed reruns only ``sample``
+and ``decode``, and a checkpoint whose bytes do not match the recorded sha256 is recomputed,
+never trusted. ``sample`` writes a partial after each step and resumes from the newest one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from config import Settings, StageParameters
+from db import Database, Job, checkpoints, jobs, utcnow
+from processor import publish
+from processor.faults import fault_point
+from stages import (BY_NAME, JobInputs, SampleResume, StageContext, StageInterrupted, classify, compute,
+                    fingerprint_chain)
+from stages import checkpoint as ckpt
+from stages.errors import PermanentError, RetryableError
+
+log = logging.getLogger(__name__)
+
+
+class JobStopped(Exception):
+    """The job was interrupted at a step boundary (shutdown or cancel)."""
+
+
+class JobRunner:
+    def __init__(self, settings: Settings, db: Database, engine_factory: Callable[[], Any], worker: str,
+                 stop: threading.Event, progress: Optional[Callable[[str], None]] = None):
+        self.settings = settings
+        self.db = db
+        self._engine_factory = engine_factory
+        self.worker = worker
+        self.stop = stop
+        self.progress = progress or (lambda _text: None)
+        self.cache_dir = settings.work / "cache"
+
+    @property
+    def engine(self):
+        return self._engine_factory()
+
+    def run(self, job: Job) -> str:
+        """Run a claimed job to its end; returns the state it ends in."""
+        try:
+            result = self._run(job)
+        except JobStopped:
+            return self._stopped(job)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
+            return self._failed(job, exc)
+        with self.db.begin() as session:
+            jobs.mark_done(session, job.id, self.worker, result)
+        log.info("job %d done: %s", job.id, result["image"])
+        return "done"
+
+    # The job -----------------------------------------------------------------------------------
+
+    def _run(self, job: Job) -> dict:
+        spec = job.spec
+        params = StageParameters.model_validate(spec["parameters"])
+        inputs = JobInputs(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], seed=spec["seed"],
+                           images=tuple((i["key"], i["sha256"]) for i in _images(job)))
+        originals = Path(job.work_dir) / "originals"
+        ctx = StageContext(job=inputs, params=params, max_image_pixels=self.settings.max_image_pixels,
+                           image_paths=tuple((i["key"], originals / i["name"]) for i in _images(job)))
+        engine = self.engine
+        identities = engine.model_identities(params)
+        engine_id = f"{engine.name} {engine.version()}"
+        chain = fingerprint_chain(inputs, params, engine_id, identities)
+        started = time.perf_counter()
+        memo: dict[str, Any] = {}
+        decoded = self._obtain("decode", job, ctx, chain, memo)
+        manifest = self._manifest(job, params, engine, identities, chain, time.perf_counter() - started)
+        return self._publish(job, params, decoded["image"], manifest)
+
+    def _obtain(self, name: str, job: Job, ctx: StageContext, chain: dict[str, str], memo: dict) -> Any:
+        if name in memo:
+            return memo[name]
+        fingerprint = chain[name]
+        payload = self._load_checkpoint(name, fingerprint, job)
+        if payload is None:
+            stage = BY_NAME[name]
+            inputs = {read: self._obtain(read, job, ctx, chain, memo) for read in stage.reads}
+            payload = self._compute(name, fingerprint, job, ctx, inputs)
+        memo[name] = payload
+        return payload
+
+    def _load_checkpoint(self, name: str, fingerprint: str, job: Job) -> Any:
+        with self.db.begin() as session:
+            row = checkpoints.lookup(session, fingerprint)
+            recorded = (row.path, row.sha256) if row else None
+        if recorded is None:
+            return None
+        try:
+            payload = ckpt.load(Path(recorded[0]), recorded[1])
+        except ckpt.CheckpointError as exc:
+            log.warning("job %d: %s checkpoint not usable (%s); recomputing", job.id, name, exc)
+            with self.db.begin() as session:
+                checkpoints.forget(session, fingerprint)
+                jobs.add_event(session, job.id, "checkpoint", f"{name}: {exc}; recomputed", level="warning")
+            return None
+        with self.db.begin() as session:
+            checkpoints.record_hit(session, job.id, name, fingerprint, recorded[1], self.engine.device_name(),
+                                   self.worker)
+        log.info("job %d: %s reused from checkpoint %s", job.id, name, fingerprint[:12])
+        return payload
+
+    def _compute(self, name: str, fingerprint: str, job: Job, ctx: StageContext, inputs: dict) -> Any:
+        resume = self._resume_point(name, fingerprint) if name == "sample" else None
+        steps_total = ctx.params.steps if name == "sample" else None
+        self._progress(job, name, resume.step if resume else None, steps_total)
+        with self.db.begin() as session:
+            run_id = checkpoints.start_run(session, job.id, name, fingerprint, self.engine.device_name(),
+                                           self.worker, resume.step if resume else None)
+        fault_point(f"stage.{name}")
+        started = time.perf_counter()
+        on_step = self._step_recorder(job, fingerprint, steps_total) if name == "sample" else None
+        try:
+            payload = compute(name, self.engine, inputs, ctx, resume=resume, on_step=on_step,
+                              should_stop=lambda: self._should_stop(job))
+        except StageInterrupted as exc:
+            with self.db.begin() as session:
+                checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, error="interrupted")
+            raise JobStopped(name) from exc
+        except Exception as exc:
+            with self.db.begin() as session:
+                checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, error=str(exc))
+            raise
+        sha, path = self._save(name, fingerprint, payload)
+        with self.db.begin() as session:
+            checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started)
+        if name == "sample":
+            self._drop_partials(fingerprint)
+        log.info("job %d: %s computed in %.3fs", job.id, name, time.perf_counter() - started)
+        return payload
+
+    def _save(self, name: str, fingerprint: str, payload: Any) -> tuple[str, Path]:
+        path = self.cache_dir / name / f"{fingerprint}.safetensors"
+        try:
+            sha = ckpt.save(path, payload, {"qie.stage": name, "qie.fingerprint": fingerprint})
+        except OSError as exc:
+            raise RetryableError(f"cannot write the {name} checkpoint {path}: {exc}") from exc
+        fault_point("checkpoint.written")
+        with self.db.begin() as session:
+            checkpoints.record(session, fingerprint, name, str(path), sha, path.stat().st_size)
+        return sha, path
+
+    # Sampling partials ---------------------------------------------------------------------------
+
+    def _resume_point(self, name: str, fingerprint: str) -> Optional[SampleResume]:
+        with self.db.begin() as session:
+            found = [(checkpoints.partial_step(r), r.path, r.sha256) for r in checkpoints.partials(session, fingerprint)]
+        for step, path, sha in found:
+            try:
+                state = ckpt.load(Path(path), sha)
+            except ckpt.CheckpointError as exc:
+                log.warning("partial %s not usable (%s)", path, exc)
+                continue
+            log.info("sample resumes after step %d", step)
+            return SampleResume(step=step, state=state)
+        return None
+
+    def _step_recorder(self, job: Job, fingerprint: str, steps_total: Optional[int]):
+        def on_step(step: int, state: Any) -> None:
+            if self.settings.save_partials and steps_total and step < steps_total:
+                partial = checkpoints.partial_fingerprint(fingerprint, step)
+                self._save("sample", partial, state)
+                self._drop_partials(fingerprint, keep=partial)
+            self._progress(job, "sample", step, steps_total)
+            fault_point(f"stage.sample.step{step}")
+        return on_step
+
+    def _drop_partials(self, fingerprint: str, keep: Optional[str] = None) -> None:
+        """Remove the partials of a ``sample`` run, but the newest (``keep``)."""
+        with self.db.begin() as session:
+            stale = [(r.fingerprint, r.path) for r in checkpoints.partials(session, fingerprint)
+                     if r.fingerprint != keep]
+            for partial, _ in stale:
+                checkpoints.forget(session, partial)
+        for _, path in stale:
+            Path(path).unlink(missing_ok=True)
+
+    # Progress and stopping -------------------------------------------------------------------------
+
+    def _progress(self, job: Job, stage: str, step: Optional[int], steps_total: Optional[int]) -> None:
+        with self.db.begin() as session:
+            ours = jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow(),
+                                    stage=stage, step=step, steps_total=steps_total)
+        if not ours:
+            raise JobStopped("lease lost")
+        text = f"job {job.id} ({job.name}): {stage}" + (f" step {step or 0}/{steps_total}" if steps_total else "")
+        self.progress(text)
+
+    def _should_stop(self, job: Job) -> bool:
+        if self.stop.is_set():
+            return True
+        with self.db.begin() as session:
+            return jobs.cancel_requested(session, job.id)
+
+    def _stopped(self, job: Job) -> str:
+        with self.db.begin() as session:
+            if jobs.cancel_requested(session, job.id):
+                jobs.mark_cancelled(session, job.id, self.worker)
+                return "cancelled"
+            jobs.release(session, job.id, self.worker, "stopped at a step boundary; will resume")
+        log.info("job %d released at a checkpoint", job.id)
+        return "queued"
+
+    # Failure ---------------------------------------------------------------------------------------
+
+    def _failed(self, job: Job, exc: Exception) -> str:
+        kind = classify(exc)
+        message = str(exc) or type(exc).__name__
+        with self.db.begin() as session:
+            current = jobs.get_job(session, job.id)
+            attempts = current.attempts if current else job.attempts
+        if kind is RetryableError and attempts < self.settings.max_attempts:
+            delay = self.settings.retry_backoff * (2 ** (attempts - 1))
+            at = utcnow() + timedelta(seconds=delay)
+            log.warning("job %d: transient error (attempt %d of %d): %s; retry in %.0fs",
+                        job.id, attempts, self.settings.max_attempts, message, delay)
+            with self.db.begin() as session:
+                jobs.schedule_retry(session, job.id, self.worker, message, at)
+            return "queued"
+        if kind is PermanentError:
+            log.error("job %d failed: %s", job.id, message, exc_info=not isinstance(exc, PermanentError))
+        else:
+            message = f"{message} (gave up after {attempts} attempts)"
+            log.error("job %d failed: %s", job.id, message)
+        report = {"job_id": job.id, "job": job.name, "source": job.source, "error": message,
+                  "kind": "permanent" if kind is PermanentError else "transient",
+                  "stage": _current_stage(self.db, job.id), "attempts": attempts,
+                  "exception": type(exc).__name__}
+        publish.report_failed(self.settings, job.name, Path(job.work_dir) / "originals", report)
+        with self.db.begin() as session:
+            jobs.mark_failed(session, job.id, self.worker, message, report["kind"])
+        return "failed"
+
+    # Publishing ------------------------------------------------------------------------------------
+
+    def _publish(self, job: Job, params: StageParameters, image, manifest: dict) -> dict:
+        with self.db.begin() as session:
+            reserved = jobs.get_job(session, job.id).output_name
+            if reserved is None:
+                reserved = publish.choose_output_name(self.settings.outbox, job.spec["output_name"],
+                                                      params.output_format)
+                jobs.reserve_output_name(session, job.id, reserved)
+        text = {"parameters": json.dumps({"prompt": job.spec["prompt"], "negative_prompt": job.spec["negative_prompt"],
+                                          "seed": job.spec["seed"], **params.model_dump(mode="json")},
+                                         sort_keys=True),
+                "software": "qie-hotfolder"}
+        data = publish.image_bytes(image, params.output_format, params.quality, text)
+        manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
+                              "format": params.output_format}
+        result = publish.publish(self.settings.outbox, reserved, data, params.output_format, manifest)
+        archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
+        result["originals"] = str(archived) if archived else self.settings.originals
+        return result
+
+    def _manifest(self, job: Job, params: StageParameters, engine, identities: dict, chain: dict,
+                  seconds: float) -> dict:
+        with self.db.begin() as session:
+            runs = checkpoints.runs_for(session, job.id)
+            stage_rows = [{"stage": r.stage, "fingerprint": r.fingerprint, "cache_hit": r.cache_hit,
+                           "duration_s": round(r.duration_s or 0.0, 4), "resumed_from_step": r.resumed_from_step,
+                           "device": r.device, "worker": r.worker, "checkpoint_sha256": r.checkpoint_sha256,
+                           "error": r.error, "at": r.started_at.isoformat(timespec="seconds") + "Z"}
+                          for r in runs]
+        cache = getattr(engine, "cache", None)
+        return {
+            "job": {"id": job.id, "name": job.name, "source": job.source,
+                    "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
+                    "attempts": job.attempts, "crashes": job.crashes},
+            "job_file": job.spec["job_file"],
+            "prompt": job.spec["prompt"],
+            "negative_prompt": job.spec["negative_prompt"],
+            "seed": job.spec["seed"],
+            "seed_source": job.spec["seed_source"],
+            "parameters": params.model_dump(mode="json"),
+            "inputs": job.inputs,
+            "engine": {"name": engine.name, "version": engine.version(), "device": engine.device_name(),
+                       "threads": self.settings.effective_threads},
+            "models": identities,
+            "fingerprints": chain,
+            "stages": stage_rows,
+            "model_cache": cache.stats.as_dict() if cache is not None else None,
+            "seconds_this_run": round(seconds, 4),
+            "host": platform.node(),
+            "published_at": utcnow().isoformat(timespec="seconds") + "Z",
+        }
+
+
+def _images(job: Job) -> list[dict]:
+    order = {"image1": 0, "image2": 1, "image3": 2}
+    return sorted((i for i in job.inputs if i.get("key")), key=lambda i: order[i["key"]])
+
+
+def _current_stage(db: Database, job_id: int) -> Optional[str]:
+    with db.begin() as session:
+        row = jobs.get_job(session, job_id)
+        return row.stage if row else None
