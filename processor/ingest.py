@@ -70,6 +70,7 @@ class Ingestor:
             del self.waiting[gone]
         for candidate in candidates:
             waiting = self.waiting.setdefault(candidate.source, Waiting(first_seen=now))
+            previous_reason = waiting.reason
             try:
                 job_id = self._consider(candidate, waiting, now)
             except JobFileError as exc:
@@ -84,6 +85,8 @@ class Ingestor:
                 continue
             if job_id is None:
                 result.waiting[candidate.source] = waiting.reason
+                if waiting.reason != previous_reason:
+                    log.info("%s: not ready: %s", candidate.source, waiting.reason)
             else:
                 self.waiting.pop(candidate.source, None)
                 result.ingested.append(job_id)
@@ -121,8 +124,6 @@ class Ingestor:
             if now - waiting.first_seen > self.settings.missing_file_timeout:
                 raise JobFileError(candidate.source, f"image file {rel!r} did not appear within "
                                    f"{self.settings.missing_file_timeout:.0f} s", key)
-            if waiting.reason != f"waiting for {key} ({rel})":
-                log.info("%s: waiting for %s (%s)", candidate.source, key, rel)
             return f"waiting for {key} ({rel})"
         if not self.tracker.settled(path, now):
             return f"{key} ({rel}) still being written"

@@ -22,6 +22,7 @@ from config import Settings, StageParameters
 from db import Database, Job, checkpoints, jobs, utcnow
 from processor import publish
 from processor.faults import fault_point
+from processor.inbox import remove_empty_dirs
 from stages import (BY_NAME, JobInputs, SampleResume, StageContext, StageInterrupted, classify, compute,
                     fingerprint_chain)
 from stages import checkpoint as ckpt
@@ -263,6 +264,7 @@ class JobRunner:
                               "format": params.output_format}
         result = publish.publish(self.settings.outbox, reserved, data, params.output_format, manifest)
         archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
+        remove_empty_dirs(Path(job.work_dir))
         result["originals"] = str(archived) if archived else self.settings.originals
         return result
 
