@@ -199,6 +199,13 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else 1
 
 
+def cmd_docs(args: argparse.Namespace) -> int:
+    from config.reference import write_docs
+    for path in write_docs(Path(args.out)):
+        print(f"wrote {path}")
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from db import current_revision, head_revision, upgrade
     from db.database import create_db_engine
@@ -259,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     doctor_cmd = command("doctor", cmd_doctor, "check the engine, model files, device and free memory")
     doctor_cmd.add_argument("--json", action="store_true")
+
+    docs = command("docs", cmd_docs, "regenerate docs/configuration.md and docs/job-file.md", settings=False)
+    docs.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
 
     command("db-upgrade", cmd_db_upgrade, "upgrade the database schema to this version (back it up first)")
     return parser

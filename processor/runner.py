@@ -75,7 +75,7 @@ class JobRunner:
                            image_paths=tuple((i["key"], originals / i["name"]) for i in _images(job)))
         engine = self.engine
         identities = engine.model_identities(params)
-        engine_id = f"{engine.name} {engine.version()}"
+        engine_id = f"{engine.name} {engine.version()} on {engine.device_name()}"
         chain = fingerprint_chain(inputs, params, engine_id, identities)
         started = time.perf_counter()
         memo: dict[str, Any] = {}

@@ -1,0 +1,62 @@
+"""The inbox contract: what is a job, when it is ready, where its paths may point."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from config import JobFileError
+from processor.inbox import SettleTracker, find_candidates, is_ignored, resolve_inside, unique_path
+
+
+@pytest.mark.parametrize("name", [".hidden.json", "photo.png.part", "job.json.tmp", "x.crdownload",
+                                  "a.json.!sync", "backup~", "~$lock.json", "Thumbs.db"])
+def test_temporary_and_hidden_names_are_ignored(name):
+    assert is_ignored(name)
+
+
+def test_job_files_and_job_folders_are_found_and_other_things_are_not(tmp_path):
+    (tmp_path / "a.json").write_text("{}")
+    (tmp_path / ".b.json").write_text("{}")
+    (tmp_path / "c.json.part").write_text("{}")
+    (tmp_path / "photo.png").write_bytes(b"x")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "job.json").write_text("{}")
+    (tmp_path / "no-job-yet").mkdir()
+    found = find_candidates(tmp_path)
+    assert [(c.name, c.source, c.is_folder) for c in found] == [("a", "a.json", False),
+                                                                 ("folder", "folder/job.json", True)]
+
+
+def test_paths_leading_out_of_the_job_folder_are_refused(tmp_path):
+    job = tmp_path / "job"
+    job.mkdir()
+    (tmp_path / "secret.png").write_bytes(b"x")
+    os.symlink(tmp_path / "secret.png", job / "link.png")
+    for relative, words in (("../secret.png", "'..'"), ("/etc/passwd", "absolute"),
+                            ("link.png", "link leading out"), (".hidden.png", "hidden")):
+        with pytest.raises(JobFileError, match=words) as caught:
+            resolve_inside(job, relative, "job/job.json", "image1")
+        assert caught.value.field == "image1"
+    assert resolve_inside(job, "sub/ok.png", "job/job.json", "image1") == job / "sub" / "ok.png"
+
+
+def test_a_file_is_settled_only_after_it_stopped_changing_for_the_settle_time(tmp_path):
+    path = tmp_path / "f"
+    sizes = iter([(1, 1), (2, 2), (2, 2), (2, 2)])
+    tracker = SettleTracker(2.0, stat=lambda p: next(sizes))
+    assert not tracker.settled(path, now=0.0)   # first sight
+    assert not tracker.settled(path, now=1.0)   # grew
+    assert not tracker.settled(path, now=2.5)   # unchanged for 1.5 s
+    assert tracker.settled(path, now=3.0)       # unchanged for 2 s
+
+
+def test_a_missing_file_is_never_settled(tmp_path):
+    assert not SettleTracker(0).settled(tmp_path / "nothing", now=0.0)
+
+
+def test_name_clashes_get_a_suffix(tmp_path):
+    (tmp_path / "out.png").write_bytes(b"x")
+    (tmp_path / "out-1.json").write_bytes(b"x")
+    assert unique_path(tmp_path, "out", (".png", ".json"))[1] == "out-2"
+    assert unique_path(tmp_path, "new", (".png", ".json"))[1] == "new"
