@@ -71,7 +71,8 @@ class Settings(BaseSettings):
     retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")
     max_crashes: int = Field(3, ge=1, description="A job that was running when the process died this many times is failed.")
     lease_seconds: float = Field(300.0, gt=0, description="A claimed job whose lease is older than this is claimable again.")
-    save_partials: bool = Field(True, description="Write the latent after each sampling step so a long run resumes mid-way.")
+    save_partials: bool = Field(True, description="Write the latent during sampling so a long run resumes mid-way.")
+    partial_interval: float = Field(5.0, ge=0, description="Seconds of sampling between two partial latents (0: after every step).")
 
     # Checkpoint retention
     cache_max_age_days: float = Field(30.0, gt=0, description="Checkpoints unused for this long are removed.")

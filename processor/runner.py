@@ -45,6 +45,7 @@ class JobRunner:
         self.stop = stop
         self.progress = progress or (lambda _text: None)
         self.cache_dir = settings.work / "cache"
+        self._cancel_checked = 0.0
 
     @property
     def engine(self):
@@ -118,8 +119,8 @@ class JobRunner:
     def _compute(self, name: str, fingerprint: str, job: Job, ctx: StageContext, inputs: dict) -> Any:
         resume = self._resume_point(name, fingerprint) if name == "sample" else None
         steps_total = ctx.params.steps if name == "sample" else None
-        self._progress(job, name, resume.step if resume else None, steps_total)
         with self.db.begin() as session:
+            self._record_progress(session, job, name, resume.step if resume else None, steps_total)
             run_id = checkpoints.start_run(session, job.id, name, fingerprint, self.engine.device_name(),
                                            self.worker, resume.step if resume else None)
         fault_point(f"stage.{name}")
@@ -136,24 +137,24 @@ class JobRunner:
             with self.db.begin() as session:
                 checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, error=str(exc))
             raise
-        sha, path = self._save(name, fingerprint, payload)
+        path, sha, size = self._write(name, fingerprint, payload)
         with self.db.begin() as session:
+            checkpoints.record(session, fingerprint, name, str(path), sha, size)
             checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started)
         if name == "sample":
             self._drop_partials(fingerprint)
         log.info("job %d: %s computed in %.3fs", job.id, name, time.perf_counter() - started)
         return payload
 
-    def _save(self, name: str, fingerprint: str, payload: Any) -> tuple[str, Path]:
+    def _write(self, name: str, fingerprint: str, payload: Any) -> tuple[Path, str, int]:
+        """Write a checkpoint file; the caller records it in the index."""
         path = self.cache_dir / name / f"{fingerprint}.safetensors"
         try:
             sha = ckpt.save(path, payload, {"qie.stage": name, "qie.fingerprint": fingerprint})
         except OSError as exc:
             raise RetryableError(f"cannot write the {name} checkpoint {path}: {exc}") from exc
         fault_point("checkpoint.written")
-        with self.db.begin() as session:
-            checkpoints.record(session, fingerprint, name, str(path), sha, path.stat().st_size)
-        return sha, path
+        return path, sha, path.stat().st_size
 
     # Sampling partials ---------------------------------------------------------------------------
 
@@ -171,12 +172,23 @@ class JobRunner:
         return None
 
     def _step_recorder(self, job: Job, fingerprint: str, steps_total: Optional[int]):
+        """Progress after every step; a partial when ``partial_interval`` seconds passed since the last."""
+        last_partial = time.monotonic()
+
         def on_step(step: int, state: Any) -> None:
-            if self.settings.save_partials and steps_total and step < steps_total:
-                partial = checkpoints.partial_fingerprint(fingerprint, step)
-                self._save("sample", partial, state)
+            nonlocal last_partial
+            now = time.monotonic()
+            partial_due = (self.settings.save_partials and steps_total and step < steps_total
+                           and now - last_partial >= self.settings.partial_interval)
+            with self.db.begin() as session:
+                if partial_due:
+                    partial = checkpoints.partial_fingerprint(fingerprint, step)
+                    path, sha, size = self._write("sample", partial, state)
+                    checkpoints.record(session, partial, "sample", str(path), sha, size)
+                    last_partial = now
+                self._record_progress(session, job, "sample", step, steps_total)
+            if partial_due:
                 self._drop_partials(fingerprint, keep=partial)
-            self._progress(job, "sample", step, steps_total)
             fault_point(f"stage.sample.step{step}")
         return on_step
 
@@ -192,18 +204,23 @@ class JobRunner:
 
     # Progress and stopping -------------------------------------------------------------------------
 
-    def _progress(self, job: Job, stage: str, step: Optional[int], steps_total: Optional[int]) -> None:
-        with self.db.begin() as session:
-            ours = jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow(),
-                                    stage=stage, step=step, steps_total=steps_total)
-        if not ours:
+    def _record_progress(self, session, job: Job, stage: str, step: Optional[int],
+                         steps_total: Optional[int]) -> None:
+        """Renew the lease and store the stage and step, in the caller's transaction."""
+        if not jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow(),
+                                stage=stage, step=step, steps_total=steps_total):
             raise JobStopped("lease lost")
         text = f"job {job.id} ({job.name}): {stage}" + (f" step {step or 0}/{steps_total}" if steps_total else "")
         self.progress(text)
 
     def _should_stop(self, job: Job) -> bool:
+        """A shutdown was asked for, or (looked up at most once a second) a cancel."""
         if self.stop.is_set():
             return True
+        now = time.monotonic()
+        if now - self._cancel_checked < 1.0:
+            return False
+        self._cancel_checked = now
         with self.db.begin() as session:
             return jobs.cancel_requested(session, job.id)
 

@@ -58,7 +58,7 @@ class Folders:
             "QIE_INBOX": str(self.inbox), "QIE_OUTBOX": str(self.outbox), "QIE_FAILED": str(self.failed),
             "QIE_ARCHIVE": str(self.archive), "QIE_WORK": str(self.work), "QIE_STATE": str(self.state),
             "QIE_MODEL_PATH": str(self.model), "QIE_SETTLE_SECONDS": "0.3", "QIE_RESCAN_INTERVAL": "1",
-            "QIE_POLL_INTERVAL": "0.2", "QIE_CORRUPT_GRACE_SECONDS": "2", "QIE_THREADS": "1",
+            "QIE_POLL_INTERVAL": "0.2", "QIE_PARTIAL_INTERVAL": "0", "QIE_CORRUPT_GRACE_SECONDS": "2", "QIE_THREADS": "1",
             "QIE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
         })
         env.update(self.env_extra)

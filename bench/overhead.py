@@ -1,0 +1,138 @@
+#!/usr/bin/env python3
+"""Orchestration overhead: N tiny jobs through the daemon versus the engine called directly.
+
+    python bench/overhead.py [--jobs 20] [--threads 1]
+
+Both sides run in this process on the same tiny model, after one warm-up job each, with models
+already loaded, so the difference is what the daemon adds per job: ingest (hashing, copying),
+database records, checkpoints (written, fsynced, hashed), publishing and archiving. Every job
+has its own image, so the daemon reuses no encoding. Also shown: the same batch through
+``run.py serve --once`` as a fresh process (imports and model loading included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from config import StageParameters, load_settings  # noqa: E402
+from processor import publish  # noqa: E402
+from processor.daemon import Daemon  # noqa: E402
+from stages import ModelCache, create_engine  # noqa: E402
+from stages.prepare import prepare  # noqa: E402
+from stages.tiny_model import build_tiny_model  # noqa: E402
+from tests.daemon import make_image, tiny_job  # noqa: E402
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (40 + (i * 37) % 200, 60 + (i * 91) % 180, 90 + (i * 53) % 160)
+
+
+def drop_jobs(inbox: Path, count: int, offset: int) -> None:
+    for i in range(offset, offset + count):
+        folder = inbox / f".staging-{i}"
+        folder.mkdir(parents=True)
+        make_image(folder / "photo.png", (64, 64), colour(i))
+        (folder / "job.json").write_text(json.dumps(tiny_job(seed=i)))
+        folder.rename(inbox / f"job-{i:04d}")
+
+
+def settings_for(root: Path, model: Path, threads: int):
+    return load_settings(None, inbox=root / "inbox", outbox=root / "outbox", failed=root / "failed",
+                         archive=root / "archive", work=root / "work", state=root / "state.db",
+                         model_path=model, settle_seconds=0, threads=threads, log_level="WARNING")
+
+
+def direct(model: Path, root: Path, count: int, threads: int) -> float:
+    """The engine loop a script would write: load, run five operations, save a PNG."""
+    settings = settings_for(root, model, threads)
+    engine = create_engine(settings, ModelCache())
+    params = StageParameters(megapixels=0.004)
+    out = root / "direct"
+    out.mkdir(parents=True)
+
+    def one(i: int) -> None:
+        image = make_image(root / "direct-in" / f"{i}.png", (64, 64), colour(i))
+        prepared = prepare([("image1", image)], params, settings.max_image_pixels)
+        latent = engine.encode_latent(prepared, params)
+        text = engine.encode_text(prepared, params, "make the sky purple", "")
+        sampled = engine.sample(prepared, latent, text, params, i, None, None)
+        decoded = engine.decode(sampled, params)
+        (out / f"{i}.png").write_bytes(publish.image_bytes(decoded["image"], "png", 95, {}))
+
+    one(10_000)  # warm-up
+    started = time.perf_counter()
+    for i in range(count):
+        one(i)
+    return time.perf_counter() - started
+
+
+def through_daemon(model: Path, root: Path, count: int, threads: int) -> float:
+    settings = settings_for(root, model, threads)
+    drop_jobs(settings.inbox, 1, 10_000)  # warm-up job: loads the models
+    daemon = Daemon(settings, once=True)
+    daemon.start()
+    try:
+        while daemon.tick(time.monotonic()):
+            pass
+        drop_jobs(settings.inbox, count, 0)
+        daemon.wake.set()
+        started = time.perf_counter()
+        while daemon.tick(time.monotonic()):
+            pass
+        elapsed = time.perf_counter() - started
+    finally:
+        daemon.shutdown()
+    published = len(list(settings.outbox.glob("job-*.png")))
+    assert published == count + 1, f"only {published} of {count + 1} jobs were published"
+    return elapsed
+
+
+def fresh_process(model: Path, root: Path, count: int, threads: int) -> float:
+    settings = settings_for(root, model, threads)
+    drop_jobs(settings.inbox, count, 0)
+    env = {"QIE_INBOX": str(settings.inbox), "QIE_OUTBOX": str(settings.outbox), "QIE_FAILED": str(settings.failed),
+           "QIE_ARCHIVE": str(settings.archive), "QIE_WORK": str(settings.work), "QIE_STATE": str(settings.state),
+           "QIE_MODEL_PATH": str(model), "QIE_SETTLE_SECONDS": "0", "QIE_THREADS": str(threads),
+           "QIE_LOG_LEVEL": "WARNING", "PATH": "/usr/bin:/bin"}
+    started = time.perf_counter()
+    subprocess.run([sys.executable, str(ROOT / "run.py"), "serve", "--once"], env=env, check=True, cwd=root)
+    return time.perf_counter() - started
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--jobs", type=int, default=20)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="qie-bench-") as tmp:
+        root = Path(tmp)
+        model = build_tiny_model(root / "model")
+        direct_s = direct(model, root / "direct", args.jobs, args.threads)
+        daemon_s = through_daemon(model, root / "daemon", args.jobs, args.threads)
+        process_s = fresh_process(model, root / "process", args.jobs, args.threads)
+        shutil.rmtree(root / "direct", ignore_errors=True)
+    n = args.jobs
+    print(f"\n{n} tiny 64x64 jobs, 4 steps, torch threads {args.threads}\n")
+    print(f"{'path':<44}{'total s':>9}{'ms/job':>9}{'jobs/s':>9}")
+    for label, seconds in (("engine called directly (models loaded)", direct_s),
+                           ("daemon in-process (models loaded)", daemon_s),
+                           ("run.py serve --once, fresh process", process_s)):
+        print(f"{label:<44}{seconds:>9.2f}{seconds / n * 1000:>9.1f}{n / seconds:>9.2f}")
+    print(f"\ndaemon overhead per job: {(daemon_s - direct_s) / n * 1000:.1f} ms")
+    print(f"daemon throughput / direct throughput: {direct_s / daemon_s:.1%}")
+
+
+if __name__ == "__main__":
+    main()
