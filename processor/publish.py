@@ -52,6 +52,12 @@ def image_bytes(image: torch.Tensor, output_format: str, quality: int, text: dic
     return buffer.getvalue()
 
 
+def outbox_for(settings: Settings, spec: dict[str, Any]) -> Path:
+    """The folder a job publishes into: the outbox, or its preset's sub-folder of it."""
+    subfolder = spec.get("outbox_subfolder")
+    return settings.outbox / subfolder if subfolder else settings.outbox
+
+
 def choose_output_name(outbox: Path, wanted: str, output_format: str) -> str:
     """A base name free for both the image and the manifest."""
     _, name = unique_path(outbox, wanted, (EXTENSIONS[output_format], ".json"))

@@ -269,7 +269,7 @@ class JobRunner:
         with self.db.begin() as session:
             reserved = jobs.get_job(session, job.id).output_name
             if reserved is None:
-                reserved = publish.choose_output_name(self.settings.outbox, job.spec["output_name"],
+                reserved = publish.choose_output_name(publish.outbox_for(self.settings, job.spec), job.spec["output_name"],
                                                       params.output_format)
                 jobs.reserve_output_name(session, job.id, reserved)
         text = {"parameters": json.dumps({"prompt": job.spec["prompt"], "negative_prompt": job.spec["negative_prompt"],
@@ -279,7 +279,7 @@ class JobRunner:
         data = publish.image_bytes(image, params.output_format, params.quality, text)
         manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
                               "format": params.output_format}
-        result = publish.publish(self.settings.outbox, reserved, data, params.output_format, manifest)
+        result = publish.publish(publish.outbox_for(self.settings, job.spec), reserved, data, params.output_format, manifest)
         archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
         remove_empty_dirs(Path(job.work_dir))
         result["originals"] = str(archived) if archived else self.settings.originals
