@@ -13,7 +13,6 @@ has its own image, so the daemon reuses no encoding. Also shown: the same batch 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import subprocess
@@ -22,40 +21,20 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from batch import ROOT, colour, drop_jobs, settings_for
 
-from config import StageParameters, load_settings  # noqa: E402
-from processor import publish  # noqa: E402
-from processor.daemon import Daemon  # noqa: E402
-from stages import ModelCache, create_engine  # noqa: E402
-from stages.prepare import prepare  # noqa: E402
-from stages.tiny_model import build_tiny_model  # noqa: E402
-from tests.daemon import make_image, tiny_job  # noqa: E402
-
-
-def colour(i: int) -> tuple[int, int, int]:
-    return (40 + (i * 37) % 200, 60 + (i * 91) % 180, 90 + (i * 53) % 160)
-
-
-def drop_jobs(inbox: Path, count: int, offset: int) -> None:
-    for i in range(offset, offset + count):
-        folder = inbox / f".staging-{i}"
-        folder.mkdir(parents=True)
-        make_image(folder / "photo.png", (64, 64), colour(i))
-        (folder / "job.json").write_text(json.dumps(tiny_job(seed=i)))
-        folder.rename(inbox / f"job-{i:04d}")
-
-
-def settings_for(root: Path, model: Path, threads: int):
-    return load_settings(None, inbox=root / "inbox", outbox=root / "outbox", failed=root / "failed",
-                         archive=root / "archive", work=root / "work", state=root / "state.db",
-                         model_path=model, settle_seconds=0, threads=threads, log_level="WARNING")
+from config import StageParameters
+from processor import publish
+from processor.daemon import Daemon
+from stages import ModelCache, create_engine
+from stages.prepare import prepare
+from stages.tiny_model import build_tiny_model
+from tests.daemon import make_image
 
 
 def direct(model: Path, root: Path, count: int, threads: int) -> float:
     """The engine loop a script would write: load, run five operations, save a PNG."""
-    settings = settings_for(root, model, threads)
+    settings = settings_for(root, model, threads=threads)
     engine = create_engine(settings, ModelCache())
     params = StageParameters(megapixels=0.004)
     out = root / "direct"
@@ -78,7 +57,7 @@ def direct(model: Path, root: Path, count: int, threads: int) -> float:
 
 
 def through_daemon(model: Path, root: Path, count: int, threads: int) -> float:
-    settings = settings_for(root, model, threads)
+    settings = settings_for(root, model, threads=threads)
     drop_jobs(settings.inbox, 1, 10_000)  # warm-up job: loads the models
     daemon = Daemon(settings, once=True)
     daemon.start()
@@ -99,7 +78,7 @@ def through_daemon(model: Path, root: Path, count: int, threads: int) -> float:
 
 
 def fresh_process(model: Path, root: Path, count: int, threads: int) -> float:
-    settings = settings_for(root, model, threads)
+    settings = settings_for(root, model, threads=threads)
     drop_jobs(settings.inbox, count, 0)
     env = {"QIE_INBOX": str(settings.inbox), "QIE_OUTBOX": str(settings.outbox), "QIE_FAILED": str(settings.failed),
            "QIE_ARCHIVE": str(settings.archive), "QIE_WORK": str(settings.work), "QIE_STATE": str(settings.state),

@@ -1,11 +1,13 @@
 """Settings and the job file schema: the base every other package builds on."""
 
-from config.job import (IMAGE_KEYS, MAX_SEED, REFERENCE_LORA, JobFile, JobFileError, OutputFormat,
-                        ReferenceMode, StageParameters, job_schema, parse_job_file)
+from config.job import (IMAGE_KEYS, MAX_SEED, REFERENCE_LORA, JobFile, JobFileError, OutputFormat, Preset,
+                        ReferenceMode, StageParameters, job_over_preset, job_schema, parse_job_file, parse_preset,
+                        preset_schema)
 from config.settings import DEFAULT_CONFIG_FILE, ConfigurationError, Settings, load_settings
 
 __all__ = [
     "IMAGE_KEYS", "MAX_SEED", "REFERENCE_LORA", "JobFile", "JobFileError", "OutputFormat",
-    "ReferenceMode", "StageParameters", "job_schema", "parse_job_file",
+    "ReferenceMode", "StageParameters", "job_schema", "parse_job_file", "Preset", "job_over_preset",
+    "parse_preset", "preset_schema",
     "DEFAULT_CONFIG_FILE", "ConfigurationError", "Settings", "load_settings",
 ]

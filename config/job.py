@@ -12,7 +12,7 @@ import json
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
 MAX_SEED = 2**53 - 1  # JSON numbers stay exact below this
 REFERENCE_LORA = "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"
@@ -81,6 +81,8 @@ class JobFile(BaseModel):
     image2: Annotated[Optional[str], Field(max_length=1024, description="Optional reference image.")] = None
     image3: Annotated[Optional[str], Field(max_length=1024, description="Optional reference image.")] = None
     seed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Sampler seed; a random one is chosen and recorded when absent.")] = None
+    seeds: Annotated[Optional[list[Annotated[int, Field(ge=0, le=MAX_SEED)]]], Field(min_length=1, max_length=64, description="Several seeds: one output each, named `<output_name>-<seed>`; the encodings are computed once.")] = None
+    variations: Annotated[Optional[int], Field(ge=1, le=64, description="N outputs with seeds seed, seed+1, ... (random when no seed), named `<output_name>-<seed>`.")] = None
     output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs (default: the job's name).")] = None
     priority: Annotated[int, Field(ge=-100, le=100, description="Higher runs first.")] = 0
     # Stage parameters, each optional: absent means the configured default.
@@ -106,6 +108,22 @@ class JobFile(BaseModel):
     def _output_name_is_plain(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and ("/" in value or "\\" in value or value.startswith(".") or "\x00" in value):
             raise ValueError("must be a plain file name without folders or a leading dot")
+        return value
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds_alone_and_distinct(cls, value: Optional[list[int]], info: ValidationInfo) -> Optional[list[int]]:
+        if value is not None and info.data.get("seed") is not None:
+            raise ValueError("give either seeds or seed, not both")
+        if value is not None and len(set(value)) != len(value):
+            raise ValueError("seeds must differ from each other")
+        return value
+
+    @field_validator("variations")
+    @classmethod
+    def _variations_without_seeds(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
+        if value is not None and info.data.get("seeds") is not None:
+            raise ValueError("give either seeds or variations, not both")
         return value
 
     def images(self) -> dict[str, str]:
@@ -158,7 +176,7 @@ def parse_job_file(raw: bytes, path: str, defaults: StageParameters) -> tuple[Jo
     except ValidationError as exc:
         first = exc.errors()[0]
         field = ".".join(str(part) for part in first["loc"]) or None
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"]
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
         more = len(exc.errors()) - 1
         if more:
             message += f" (and {more} more problem{'s' if more > 1 else ''})"
@@ -179,3 +197,72 @@ def parse_job_file(raw: bytes, path: str, defaults: StageParameters) -> tuple[Jo
 def job_schema() -> dict[str, Any]:
     """The JSON Schema of the job file."""
     return JobFile.model_json_schema()
+
+
+# Presets ----------------------------------------------------------------------------------------
+
+PRESET_FIELDS_LEFT_OUT = {
+    "image1": "a preset does not name image1: every image dropped into its folder is image1",
+    "output_name": "a preset does not name outputs: each is named after its image",
+}
+
+
+def _preset_model() -> type[BaseModel]:
+    fields = {name: (field.annotation, field) for name, field in JobFile.model_fields.items()
+              if name not in PRESET_FIELDS_LEFT_OUT}
+    return create_model("Preset", __config__=ConfigDict(extra="forbid", use_enum_values=True,
+                                                       title="qie-hotfolder preset file"), **fields)
+
+
+Preset = _preset_model()
+Preset.__doc__ = ("A preset folder's ``preset.json``: a job file without image1 and output_name. Every image "
+                  "dropped into the folder becomes a job with these values and the image as image1; image2 "
+                  "and image3, when given, are files in the preset folder shared by all its jobs.")
+
+
+def _json_object(raw: bytes, path: str) -> dict[str, Any]:
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise JobFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise JobFileError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
+    if not isinstance(data, dict):
+        raise JobFileError(path, f"must be a JSON object, not {type(data).__name__}")
+    return data
+
+
+def parse_preset(raw: bytes, path: str, defaults: StageParameters) -> dict[str, Any]:
+    """Parse and validate a preset file; its values as given. Raises JobFileError naming the field."""
+    data = _json_object(raw, path)
+    for key, why in PRESET_FIELDS_LEFT_OUT.items():
+        if key in data:
+            raise JobFileError(path, why, key)
+    try:
+        Preset.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        raise JobFileError(path, message, field) from exc
+    # What only the whole job can tell (width without height, seeds with seed, ...).
+    parse_job_file(json.dumps({**data, "image1": "image.png"}).encode(), path, defaults)
+    return data
+
+
+def job_over_preset(preset: dict[str, Any], job_raw: Optional[bytes], image1: Optional[str], path: str,
+                    defaults: StageParameters) -> tuple[JobFile, StageParameters]:
+    """A preset's job: the preset's values, under a job file's (``job_raw``) or with ``image1``."""
+    data = dict(preset)
+    if job_raw is not None:
+        data.update(_json_object(job_raw, path))
+    if image1 is not None:
+        data["image1"] = image1
+    return parse_job_file(json.dumps(data).encode(), path, defaults)
+
+
+def preset_schema() -> dict[str, Any]:
+    """The JSON Schema of a preset file."""
+    return Preset.model_json_schema()

@@ -15,9 +15,9 @@ from config.settings import DEFAULT_CONFIG_FILE, Settings
 
 
 def _default(field: Any) -> str:
-    if field.default_factory is not None:
+    value = field.default_factory() if field.default_factory is not None else field.default
+    if hasattr(value, "model_fields"):
         return "(see below)"
-    value = field.default
     if field.is_required():
         return ""
     if value is None:

@@ -46,6 +46,7 @@ class Settings(BaseSettings):
     rescan_interval: float = Field(30.0, gt=0, description="Seconds between full rescans of the inbox (events are hints, the scan is truth).")
     settle_seconds: float = Field(2.0, ge=0, description="A file is ready when its size and mtime have not changed for this long.")
     missing_file_timeout: float = Field(3600.0, gt=0, description="A job waiting this long for a file it names fails, naming the file.")
+    settle_after_close: float = Field(0.5, ge=0, description="With native events: a file its writer closed (or renamed into place) is ready after this long unchanged, instead of `settle_seconds`.")
     corrupt_grace_seconds: float = Field(30.0, ge=0, description="An image that does not decode is given this long (stable) to finish arriving before the job fails.")
     max_job_file_bytes: int = Field(1_000_000, gt=0, description="Job files larger than this are rejected.")
     max_image_pixels: int = Field(100_000_000, gt=0, description="Images with more pixels are rejected (decompression-bomb guard).")
@@ -55,6 +56,7 @@ class Settings(BaseSettings):
     model_path: Optional[Path] = Field(None, description="diffusers-format Qwen-Image-Edit-2509 folder. Unset: the built-in tiny random model under `<work>/models/tiny` (outputs are noise).")
     lora_dir: Optional[Path] = Field(None, description="Folder of LoRA files for the diffusers engine. Default: `<model_path>/loras`.")
     comfyui_path: Optional[Path] = Field(None, description="ComfyUI checkout used as a library (engine `comfyui`).")
+    comfyui_extra_model_paths: list[Path] = Field(default_factory=list, description="More `extra_model_paths.yaml` files for the ComfyUI engine (the checkout's own is always read).")
     vae_name: str = Field("qwen_image_vae.safetensors", description="ComfyUI VAE file (folder `vae`).")
     text_encoder_name: str = Field("qwen_2.5_vl_7b_fp8_scaled.safetensors", description="ComfyUI text encoder file (folder `text_encoders`).")
     diffusion_model_name: str = Field("qwen_image_edit_2509_fp8_e4m3fn.safetensors", description="ComfyUI diffusion model file (folder `diffusion_models`).")
@@ -64,9 +66,12 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="`auto` (CUDA when present), `cpu`, `cuda` or `cuda:N`.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description="Compute dtype; `auto`: bfloat16 on CUDA, float32 on CPU.")
     threads: int = Field(0, ge=0, description="torch CPU threads; 0: min(cores, 8). Fixed so that results are reproducible.")
-    model_memory_budget: Optional[int] = Field(None, gt=0, description="Bytes of loaded models kept in the cache; least recently used are evicted. Unset: no limit.")
+    model_memory_budget: Optional[int] = Field(None, gt=0, description="Bytes of loaded models kept in the cache; the least recently used are evicted. Unset: 90% of the GPU's memory on CUDA, of RAM on the CPU.")
+    model_load_delay: float = Field(0.0, ge=0, description="Seconds added to every model load (benchmarks: imitate real model load times).")
 
     # Queue
+    scheduling: Literal["stage-major", "job-by-job"] = Field("stage-major", description="`stage-major`: run a stage for every ready job while its models are loaded; `job-by-job`: finish one job before the next.")
+    max_wait: float = Field(600.0, gt=0, description="A job waiting longer than this (seconds since it was queued) runs before everything else.")
     max_attempts: int = Field(3, ge=1, description="Tries for a job whose errors are transient (out of memory, I/O, device).")
     retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")
     max_crashes: int = Field(3, ge=1, description="A job that was running when the process died this many times is failed.")
@@ -77,6 +82,14 @@ class Settings(BaseSettings):
     # Checkpoint retention
     cache_max_age_days: float = Field(30.0, gt=0, description="Checkpoints unused for this long are removed.")
     cache_max_bytes: Optional[int] = Field(None, gt=0, description="Total size the checkpoint cache is trimmed to (oldest first).")
+    archive_max_age_days: Optional[float] = Field(None, gt=0, description="Archived originals older than this are removed. Unset: kept.")
+    archive_max_bytes: Optional[int] = Field(None, gt=0, description="Total size the archive is trimmed to (oldest first). Unset: no limit.")
+    gc_interval: float = Field(3600.0, ge=0, description="Seconds between two clean-ups of checkpoints, the archive and work folders by the daemon (0: only `run.py gc`).")
+
+    # Running as a service (systemd)
+    watchdog_seconds: float = Field(120.0, ge=0, description="`WatchdogSec=` of the unit `install-service` writes (0: no watchdog). The daemon pings at half the interval systemd gives it.")
+    stop_timeout: float = Field(120.0, gt=0, description="Seconds a graceful stop may take (the running step finishes and is checkpointed): the unit's `TimeoutStopSec=`, and what the daemon asks systemd for while it drains.")
+    model_load_timeout: float = Field(600.0, gt=0, description="Seconds one model load may take before systemd takes the daemon for hung (asked for with `EXTEND_TIMEOUT_USEC` before each load).")
 
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log JSON lines instead of text.")

@@ -8,7 +8,7 @@ from typing import Optional
 from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
-from db.schema import Checkpoint, StageRun, utcnow
+from db.schema import FINAL_STATES, Checkpoint, Job, StageRun, utcnow
 
 
 def lookup(session: Session, fingerprint: str) -> Optional[Checkpoint]:
@@ -21,6 +21,23 @@ def record(session: Session, fingerprint: str, stage: str, path: str, sha256: st
         session.add(Checkpoint(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size))
     else:
         row.path, row.sha256, row.size, row.last_used_at = path, sha256, size, utcnow()
+
+
+def existing(session: Session, fingerprints: list[str]) -> set[str]:
+    """Which of these fingerprints have a recorded checkpoint."""
+    found: set[str] = set()
+    for start in range(0, len(fingerprints), 500):
+        chunk = fingerprints[start:start + 500]
+        found.update(session.scalars(select(Checkpoint.fingerprint).where(Checkpoint.fingerprint.in_(chunk))))
+    return found
+
+
+def has_run(session: Session, job_id: int, stage: str, fingerprint: str) -> bool:
+    """Whether the job already computed or reused this checkpoint."""
+    stmt = select(StageRun.id).where(StageRun.job_id == job_id, StageRun.stage == stage,
+                                     StageRun.fingerprint == fingerprint,
+                                     StageRun.checkpoint_sha256.is_not(None)).limit(1)
+    return session.scalar(stmt) is not None
 
 
 def touch(session: Session, fingerprint: str) -> None:
@@ -81,3 +98,16 @@ def record_hit(session: Session, job_id: int, stage: str, fingerprint: str, sha2
 
 def runs_for(session: Session, job_id: int) -> list[StageRun]:
     return list(session.scalars(select(StageRun).where(StageRun.job_id == job_id).order_by(StageRun.id)))
+
+
+def in_use(session: Session) -> set[str]:
+    """Fingerprints that unfinished jobs computed or reused (their partials share the prefix):
+    retention never removes these."""
+    stmt = (select(StageRun.fingerprint).join(Job, Job.id == StageRun.job_id)
+            .where(Job.state.not_in(FINAL_STATES)).distinct())
+    return set(session.scalars(stmt))
+
+
+def forget_many(session: Session, fingerprints: list[str]) -> None:
+    for start in range(0, len(fingerprints), 500):
+        session.execute(delete(Checkpoint).where(Checkpoint.fingerprint.in_(fingerprints[start:start + 500])))

@@ -28,9 +28,9 @@ def add_event(session: Session, job_id: Optional[int], kind: str, message: str, 
 
 
 def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: dict,
-               inputs: list, work_dir: str, priority: int = 0) -> Job:
+               inputs: list, work_dir: str, priority: int = 0, preset: Optional[str] = None) -> Job:
     job = Job(name=name, source=source, ingest_key=ingest_key, spec=spec, inputs=inputs,
-              work_dir=work_dir, priority=priority, state=JobState.QUEUED.value,
+              work_dir=work_dir, priority=priority, preset=preset, state=JobState.QUEUED.value,
               inbox_cleared=False, attempts=0, crashes=0, cancel_requested=False)
     session.add(job)
     session.flush()
@@ -44,8 +44,9 @@ def find_uncleared_ingest(session: Session, ingest_key: str) -> Optional[Job]:
     return session.scalars(stmt).first()
 
 
-def mark_inbox_cleared(session: Session, job_id: int) -> None:
-    session.execute(update(Job).where(Job.id == job_id).values(inbox_cleared=True))
+def mark_inbox_cleared(session: Session, ingest_key: str) -> None:
+    """Every job made from this drop: its files are out of the inbox."""
+    session.execute(update(Job).where(Job.ingest_key == ingest_key).values(inbox_cleared=True))
 
 
 def get_job(session: Session, job_id: int) -> Optional[Job]:
@@ -76,18 +77,14 @@ def next_retry_at(session: Session) -> Optional[datetime]:
 
 
 def claim(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime) -> bool:
-    """Take a queued job for ``worker``. True only for the one claimer whose UPDATE changed the row."""
+    """Take a queued job for one unit of work. True only for the claimer whose UPDATE changed the row."""
     result = session.execute(
         update(Job)
         .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
         .values(state=JobState.RUNNING.value, claimed_by=worker,
                 lease_until=now + timedelta(seconds=lease_seconds),
-                started_at=now, attempts=Job.attempts + 1, error=None, error_kind=None,
-                updated_at=now))
-    if result.rowcount != 1:
-        return False
-    add_event(session, job_id, "claimed", f"claimed by {worker}")
-    return True
+                started_at=func.coalesce(Job.started_at, now), updated_at=now))
+    return result.rowcount == 1
 
 
 def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime,
@@ -125,7 +122,7 @@ def mark_done(session: Session, job_id: int, worker: str, result: dict) -> None:
 
 
 def mark_failed(session: Session, job_id: int, worker: str, error: str, kind: str) -> None:
-    _finish(session, job_id, worker, JobState.FAILED, error=error, error_kind=kind)
+    _finish(session, job_id, worker, JobState.FAILED, error=error, error_kind=kind, attempts=Job.attempts + 1)
     add_event(session, job_id, "failed", error, level="error")
 
 
@@ -138,19 +135,30 @@ def schedule_retry(session: Session, job_id: int, worker: str, error: str, at: d
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
         .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None, next_attempt_at=at,
-                error=error, error_kind="transient"))
+                error=error, error_kind="transient", attempts=Job.attempts + 1))
     if result.rowcount != 1:
         raise TransitionError(f"job {job_id} is no longer running for {worker}")
     add_event(session, job_id, "retry", f"{error}; retrying at {at:%Y-%m-%d %H:%M:%S} UTC", level="warning")
 
 
 def release(session: Session, job_id: int, worker: str, reason: str) -> None:
-    """Give a running job back to the queue without counting an attempt (graceful stop)."""
+    """Give a running job back to the queue (graceful stop); it resumes from its checkpoints."""
+    release_between_stages(session, job_id, worker)
+    add_event(session, job_id, "released", reason)
+
+
+def release_between_stages(session: Session, job_id: int, worker: str) -> None:
+    """A stage is done and checkpointed; the job waits in the queue for its next stage."""
     session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
-        .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None,
-                attempts=Job.attempts - 1))
-    add_event(session, job_id, "released", reason)
+        .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None, step=None))
+
+
+def siblings_unfinished(session: Session, job_id: int, work_dir: str) -> bool:
+    """Whether another job made from the same drop (sharing its originals) is not finished yet."""
+    stmt = select(func.count()).select_from(Job).where(
+        Job.work_dir == work_dir, Job.id != job_id, Job.state.not_in(FINAL_STATES))
+    return bool(session.scalar(stmt))
 
 
 def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int) -> list[tuple[int, str]]:
@@ -175,7 +183,6 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
             add_event(session, job.id, "failed", job.error, level="error")
         else:
             job.state = JobState.QUEUED.value
-            job.attempts = max(job.attempts - 1, 0)
             add_event(session, job.id, "recovered",
                       f"worker {job.claimed_by} stopped {where}; resuming from the last checkpoint",
                       level="warning")
@@ -230,3 +237,17 @@ def counts_by_state(session: Session) -> dict[str, int]:
     rows = session.execute(select(Job.state, func.count()).group_by(Job.state))
     return {state: count for state, count in rows}
 
+
+def work_dir_jobs(session: Session) -> dict[str, list[tuple[str, Optional[datetime]]]]:
+    """(state, finished_at) of the jobs of each work folder, keyed by the folder's name."""
+    found: dict[str, list[tuple[str, Optional[datetime]]]] = {}
+    for work_dir, state, finished_at in session.execute(select(Job.work_dir, Job.state, Job.finished_at)):
+        found.setdefault(work_dir.rstrip("/").rsplit("/", 1)[-1], []).append((state, finished_at))
+    return found
+
+
+def last_alarm(session: Session, starting: str) -> Optional[Event]:
+    """The newest alarm event whose message starts with ``starting`` (e.g. ``"preset winter "``)."""
+    stmt = (select(Event).where(Event.job_id.is_(None), Event.kind == "alarm", Event.message.startswith(starting))
+            .order_by(Event.id.desc()).limit(1))
+    return session.scalars(stmt).first()

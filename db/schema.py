@@ -37,6 +37,7 @@ class Job(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(255))
     source: Mapped[str] = mapped_column(Text)  # the job file's path relative to the inbox
+    preset: Mapped[Optional[str]] = mapped_column(String(255), index=True)  # the preset folder it was dropped into
     ingest_key: Mapped[str] = mapped_column(String(64), index=True)
     inbox_cleared: Mapped[bool] = mapped_column(Boolean, default=False)
     spec: Mapped[dict] = mapped_column(JSON)  # prompt, images, seed, effective parameters

@@ -59,26 +59,10 @@ def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
     return load_settings(getattr(args, "config", None), **overrides)
 
 
-class JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        entry = {"time": datetime.fromtimestamp(record.created).isoformat(timespec="milliseconds"),
-                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
-        if record.exc_info:
-            entry["exception"] = self.formatException(record.exc_info)
-        return json.dumps(entry)
-
-
 def setup_logging(settings: Settings) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if settings.log_json:
-        handler.setFormatter(JsonFormatter())
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)-7s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-    for noisy in ("watchdog", "PIL", "urllib3", "httpx", "filelock", "alembic"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    """Text (or JSON lines with ``--log-json``) on standard error, tagged with job and stage."""
+    from processor.logs import configure
+    configure(settings.log_level, settings.log_json, sys.stderr)
 
 
 def open_db(settings: Settings, create: bool = False):
@@ -99,7 +83,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     setup_logging(settings)
     try:
         return Daemon(settings, once=args.once).serve()
-    except (AlreadyRunning, DatabaseError, FileNotFoundError) as exc:
+    except DatabaseError as exc:
+        log.error("%s", exc)
+        return 2  # restarting will not help: the unit's RestartPreventExitStatus=2
+    except (AlreadyRunning, FileNotFoundError) as exc:
         log.error("%s", exc)
         return 1
 
@@ -116,12 +103,38 @@ def cmd_status(args: argparse.Namespace) -> int:
     from processor.report import status_rows, status_table
     settings = settings_from(args)
     db = open_db(settings)
+    if args.watch:
+        return _watch_status(db, args)
     rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
     if args.json:
         print(json.dumps({"jobs": rows, "alarms": alarms}, indent=2))
     else:
         print(status_table(rows, alarms))
     return 0
+
+
+def _watch_status(db, args: argparse.Namespace) -> int:
+    """``status --watch``: the table again every ``--interval`` seconds until Ctrl-C; on a
+    terminal the screen is cleared first (elsewhere, and with ``--json``, one after another)."""
+    import time
+    from processor.report import status_rows, status_table
+    terminal = sys.stdout.isatty() and not args.json
+    try:
+        while True:
+            rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
+            if args.json:
+                print(json.dumps({"at": datetime.now().isoformat(timespec="seconds"), "jobs": rows, "alarms": alarms}))
+            else:
+                heading = (f"qie-hotfolder  {datetime.now():%Y-%m-%d %H:%M:%S}  "
+                           f"(every {args.interval:g}s, Ctrl-C to quit)")
+                print(("\x1b[H\x1b[2J" if terminal else "") + heading + "\n\n" + status_table(rows, alarms)
+                      + ("" if terminal else "\n"))
+            sys.stdout.flush()
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0
+    except BrokenPipeError:  # piped into head and the reader went away
+        return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -162,8 +175,18 @@ def cmd_schema(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from config import job_over_preset, parse_preset
+    from processor.inbox import PRESET_FILE
     settings = settings_from(args)
     path = Path(args.file)
+    if path.name == PRESET_FILE:
+        try:
+            preset = parse_preset(path.read_bytes(), str(path), settings.defaults)
+            _, params = job_over_preset(preset, None, "image.png", str(path), settings.defaults)
+        except JobFileError as exc:
+            raise UserError(str(exc)) from exc
+        print(json.dumps({"preset": preset, "effective_parameters": params.model_dump(mode="json")}, indent=2))
+        return 0
     try:
         job, params = parse_job_file(path.read_bytes(), str(path), settings.defaults)
     except JobFileError as exc:
@@ -206,6 +229,84 @@ def cmd_docs(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_gc(args: argparse.Namespace) -> int:
+    from db import utcnow
+    from processor.retention import collect
+    settings = settings_from(args)
+    report = collect(settings, open_db(settings), utcnow(), dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report.as_dict(), indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    for item in report.removed:
+        print(f"{verb} {item.kind} {item.path} ({item.bytes} bytes): {item.reason}")
+    print(report.summary())
+    return 0
+
+
+def cmd_install_service(args: argparse.Namespace) -> int:
+    import getpass
+    import os
+    from config import DEFAULT_CONFIG_FILE
+    from processor import systemd
+    settings = settings_from(args)
+    root = Path(__file__).resolve().parent.parent
+    config = Path(args.config) if args.config else Path(DEFAULT_CONFIG_FILE)
+    user = None if args.user_unit else (args.run_as or os.environ.get("SUDO_USER") or getpass.getuser())
+    state = settings.state if settings.database_url is None else None
+    options = systemd.UnitOptions(
+        python=sys.executable, run_py=str(root / "run.py"), working_directory=os.getcwd(),
+        config_file=str(config.resolve()) if config.is_file() else None,
+        writable=systemd.writable_paths(settings.folders(), state), user=user,
+        groups=[] if args.user_unit else systemd.existing_groups(["video", "render"]),
+        user_unit=args.user_unit, watchdog_seconds=settings.watchdog_seconds, stop_timeout=settings.stop_timeout,
+        extra_args=_setting_flags(args, settings),
+        environment={k: v for k, v in os.environ.items() if k.startswith("QIE_")})
+    text = systemd.unit_text(options)
+    if args.print_only:
+        print(text, end="")
+        return 0
+    if args.output:
+        target = Path(args.output)
+    elif args.user_unit:
+        target = Path.home() / ".config" / "systemd" / "user" / f"{args.name}.service"
+    else:
+        target = Path("/etc/systemd/system") / f"{args.name}.service"
+    for folder in [*settings.folders().values(), *([state.parent] if state else [])]:
+        folder.mkdir(parents=True, exist_ok=True)  # ReadWritePaths= of a missing folder stops the unit
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+    except PermissionError as exc:
+        raise UserError(f"cannot write {target} ({exc.strerror}): run it with sudo, or use --user, "
+                        "--output FILE or --print") from exc
+    ctl = "systemctl --user" if args.user_unit else "sudo systemctl"
+    journal = "journalctl --user" if args.user_unit else "journalctl"
+    print(f"wrote {target}\n"
+          f"next:  {ctl} daemon-reload && {ctl} enable --now {args.name}\n"
+          f"log:   {journal} -u {args.name} -f\n"
+          f"state: {ctl.replace('sudo ', '')} status {args.name}   (the STATUS line shows the job, stage and step)")
+    if user == "root":
+        print("note: the service runs as root; --run-as USER picks a less privileged account", file=sys.stderr)
+    if state is not None and str(state.parent) == os.getcwd():
+        print(f"note: the database is in the working folder, so all of {state.parent} is writable for the service; "
+              "set `state` to a file in a folder of its own for tighter sandboxing", file=sys.stderr)
+    return 0
+
+
+def _setting_flags(args: argparse.Namespace, settings: Settings) -> list[str]:
+    """The settings given as flags to this command, passed on to ``serve`` (paths made absolute)."""
+    flags = []
+    for key in ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
+                "comfyui_path", "device", "dtype", "log_level"):
+        if getattr(args, key, None) is not None:
+            value = getattr(settings, key)
+            flags += [f"--{key.replace('_', '-')}", str(value.value if hasattr(value, "value") else value)]
+    if getattr(args, "log_json", None):
+        flags.append("--log-json")
+    return flags
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from db import current_revision, head_revision, upgrade
     from db.database import create_db_engine
@@ -239,6 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true")
     status.add_argument("--active", action="store_true", help="only jobs not finished")
     status.add_argument("--limit", type=int, default=50)
+    status.add_argument("--watch", action="store_true", help="a live view: refresh until Ctrl-C")
+    status.add_argument("--interval", type=float, default=1.0, metavar="SECONDS", help="refresh interval of --watch (default 1)")
 
     show = command("show", cmd_show, "show one job: parameters, stages, events")
     show.add_argument("id", type=int)
@@ -271,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     docs.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
 
     command("db-upgrade", cmd_db_upgrade, "upgrade the database schema to this version (back it up first)")
+
+    gc = command("gc", cmd_gc, "remove old checkpoints, archived originals and finished jobs' work folders "
+                 "(the daemon also does it every gc_interval)")
+    gc.add_argument("--dry-run", action="store_true", help="print what would be removed, remove nothing")
+    gc.add_argument("--json", action="store_true")
+
+    service = command("install-service", cmd_install_service,
+                      "write a systemd unit that runs `serve` with these settings (see docs/operations.md)")
+    service.add_argument("--print", dest="print_only", action="store_true", help="print the unit instead of writing it")
+    service.add_argument("--output", metavar="FILE", help="write the unit here (default: /etc/systemd/system/NAME.service, "
+                         "with --user ~/.config/systemd/user/NAME.service)")
+    service.add_argument("--user", dest="user_unit", action="store_true",
+                         help="a unit for `systemctl --user`: no root needed, less sandboxing")
+    service.add_argument("--run-as", metavar="USER", help="account the service runs as (default: you, or $SUDO_USER)")
+    service.add_argument("--name", default="qie-hotfolder", help="unit name (default: qie-hotfolder)")
     return parser
 
 

@@ -19,11 +19,15 @@ from typing import Any, Optional
 
 from config import Settings
 from db import Database, jobs, utcnow
+from processor import retention
 from processor.ingest import Ingestor, ScanResult
+from processor.logs import job_context, report_progress
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
+from processor.systemd import Notifier
 from processor.watch import InboxWatcher, choose_mode
 from stages import ModelCache, create_engine
+from stages.model_cache import memory_budget
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +88,18 @@ class Daemon:
         self.wake = threading.Event()
         self.lock = FolderLock(settings.work)
         self.db: Optional[Database] = None
-        self.cache = ModelCache(settings.model_memory_budget)
+        self.notifier = Notifier.from_environment()
+        self.cache = ModelCache(settings.model_memory_budget, load_delay=settings.model_load_delay,
+                                on_load=self._on_model_load)
         self._engine: Any = None
         self._watcher: Optional[InboxWatcher] = None
         self._next_scan = 0.0
         self._inbox_alarm = False
         self._signals = 0
+        self._stop_announced = False
+        self._stop_lock = threading.Lock()
+        self._doing: Optional[str] = None  # the last progress report, None when idle
+        self._next_gc = 0.0
 
     # Start-up -------------------------------------------------------------------------------
 
@@ -101,12 +111,13 @@ class Daemon:
         self.lock.acquire()
         self.db = Database(self.settings.url)
         self.ingestor = Ingestor(self.settings, self.db)
-        self.scheduler = Scheduler(self.settings, self.db, self.worker)
         self.runner = JobRunner(self.settings, self.db, self.engine, self.worker, self.stop, self._progress)
+        self.scheduler = Scheduler(self.settings, self.db, self.worker, self.runner, self.cache.loaded)
         self._recover()
         if not self.once:
             mode = choose_mode(self.settings.watch_mode, self.settings.inbox)
-            self._watcher = InboxWatcher(self.settings.inbox, mode, self.settings.poll_interval, self.wake)
+            self._watcher = InboxWatcher(self.settings.inbox, mode, self.settings.poll_interval, self.wake,
+                                         on_complete=self.ingestor.tracker.saw_close)
             self._watcher.start()
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s", self.settings.inbox,
                  self.settings.outbox, self.settings.engine, self.worker)
@@ -118,12 +129,17 @@ class Daemon:
             changed = jobs.recover_abandoned(session, utcnow(), lambda worker: (worker or "").split(":")[0] == host,
                                              self.settings.max_crashes)
         for job_id, state in changed:
-            log.warning("job %d was running when the daemon stopped; now %s", job_id, state)
+            with job_context(job_id, "recover"):
+                log.warning("job %d was running when the daemon stopped; now %s", job_id, state)
 
     def engine(self):
         """The engine, created (and its models found) on first use."""
         if self._engine is None:
             ensure_tiny_model(self.settings)
+            if self.cache.budget_bytes is None:
+                # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.
+                device = "cpu" if self.settings.engine == "comfyui" else self.settings.device
+                self.cache.budget_bytes = memory_budget(device)
             self._engine = create_engine(self.settings, self.cache)
         return self._engine
 
@@ -132,29 +148,37 @@ class Daemon:
     def serve(self) -> int:
         self._install_signal_handlers()
         self.start()
+        self.notifier.ready(f"ready: watching {self.settings.inbox}")
+        threading.Thread(target=self._announce_stop_when_asked, name="qie-stop-notice", daemon=True).start()
         try:
             while not self.stop.is_set():
                 busy = self.tick(time.monotonic())
+                self.notifier.watchdog()
+                if not busy and not self.stop.is_set():
+                    self._maybe_collect(time.monotonic())
                 if self.once and not busy and not self._settling():
                     break
                 if not busy:
-                    self.wake.wait(self._idle_timeout())
+                    self._idle_status()
+                    self.wake.wait(self._wait_seconds())
         finally:
+            self._announce_stop()
             self.shutdown()
         return 0
 
     def tick(self, now: float) -> bool:
-        """One round: scan when due, then run one job. True when a job ran."""
+        """One round: scan when due, then run one unit of work. True when one ran."""
         if self.wake.is_set() or now >= self._next_scan or self.ingestor.waiting:
             self.wake.clear()
             self._next_scan = now + self.settings.rescan_interval
             self._after_scan(self.ingestor.scan(now))
         if self.stop.is_set():
             return False
-        job = self.scheduler.claim_next(utcnow())
-        if job is None:
+        unit = self.scheduler.claim_next(utcnow())
+        if unit is None:
             return False
-        self.runner.run(job)
+        with job_context(unit.job.id, unit.stage):  # every log line of the unit names its job and stage
+            self.runner.run_unit(unit)
         return True
 
     def _after_scan(self, result: ScanResult) -> None:
@@ -182,7 +206,8 @@ class Daemon:
     def _idle_timeout(self) -> float:
         timeout = self.settings.rescan_interval
         if self.ingestor.waiting:
-            timeout = min(timeout, max(self.settings.settle_seconds / 2, 0.1))
+            settle = min(self.settings.settle_seconds, self.settings.settle_after_close)
+            timeout = min(timeout, max(settle / 2, 0.05))
         if self._inbox_alarm:
             timeout = min(timeout, self.settings.poll_interval)
         retry = self.scheduler.next_retry()
@@ -191,7 +216,46 @@ class Daemon:
         return max(timeout, 0.05)
 
     def _progress(self, text: str) -> None:
-        log.debug("%s", text)
+        """The runner's progress ("job 3 (x): sample step 2/8"): systemd's STATUS= (a watchdog
+        ping too), and the log or the terminal's progress bar. While draining after a stop, each
+        report asks systemd for ``stop_timeout`` more."""
+        self._doing = text
+        if self.stop.is_set():
+            self._announce_stop()
+            self.notifier.extend_timeout(self.settings.stop_timeout)
+        else:
+            self.notifier.status(text)
+        report_progress(log, text)
+
+    def _on_model_load(self, role: str) -> None:
+        """A model load reports no progress for minutes: ask systemd for the time first."""
+        log.info("loading the %s model", role)
+        self.notifier.extend_timeout(self.settings.model_load_timeout, f"loading the {role} model")
+
+    def _idle_status(self) -> None:
+        self._doing = None
+        waiting = len(self.ingestor.waiting)
+        self.notifier.status(f"idle: watching {self.settings.inbox}"
+                             + (f"; {waiting} job(s) in the inbox not ready yet" if waiting else ""))
+
+    def _wait_seconds(self) -> float:
+        """The idle wait, short enough for the next watchdog ping."""
+        ping = self.notifier.seconds_to_next_ping()
+        timeout = self._idle_timeout()
+        return max(min(timeout, ping), 0.01) if ping is not None else timeout
+
+    def _maybe_collect(self, now: float) -> None:
+        """Retention, every ``gc_interval`` seconds (first when the daemon is first idle)."""
+        if not self.settings.gc_interval or now < self._next_gc:
+            return
+        self._next_gc = now + self.settings.gc_interval
+        try:
+            report = retention.collect(self.settings, self.db, utcnow())
+        except Exception:  # noqa: BLE001 - a failed clean-up must not stop the daemon
+            log.exception("clean-up failed; next try in %.0fs", self.settings.gc_interval)
+            return
+        if report.removed:
+            log.info("clean-up: %s", report.summary())
 
     # Stopping -------------------------------------------------------------------------------
 
@@ -209,10 +273,31 @@ class Daemon:
         self.stop.set()
         self.wake.set()
 
+    def _announce_stop_when_asked(self) -> None:
+        """A signal handler only sets the flag; this thread tells systemd at once (the main
+        thread may be in the middle of a step or a model load)."""
+        self.stop.wait()
+        self._announce_stop()
+
+    def _announce_stop(self) -> None:
+        """STOPPING=1 to systemd, once, with the time a graceful stop may take."""
+        with self._stop_lock:
+            if self._stop_announced:
+                return
+            self._stop_announced = True
+        doing = self._doing
+        if self.stop.is_set():
+            log.info("stop requested: %s", f"finishing the current step of {doing}" if doing else "exiting")
+            self.notifier.stopping("stopping" + (f": finishing the current step of {doing}" if doing else ""))
+            self.notifier.extend_timeout(self.settings.stop_timeout)
+        else:
+            self.notifier.stopping("stopping: nothing left to do")
+
     def shutdown(self) -> None:
         if self._watcher is not None:
             self._watcher.stop()
         if self.db is not None:
             self.db.close()
         self.lock.release()
+        self.notifier.close()
         log.info("qie-hotfolder stopped")

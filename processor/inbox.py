@@ -4,10 +4,18 @@ A job is either a ``*.json`` file directly in the inbox (its images are resolved
 or a folder holding ``job.json`` (its images are resolved in that folder, and every file in
 the folder belongs to the job). Temporary and hidden names are never looked at. A file is
 ready when its size and modification time have not changed for the settle time.
+
+A folder holding ``preset.json`` is a **preset folder** (``inbox/make-it-winter/``): every
+image directly in it is a job with the preset's values and that image as image1, named
+``<preset>/<image stem>`` and published into ``outbox/<preset>/``; a sub-folder holding
+``job.json`` is a folder job whose values go over the preset's. ``preset.json`` and the images
+it names (image2, image3: references shared by all its jobs) stay in the folder. Other files
+there are left alone.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -17,6 +25,8 @@ from typing import Callable, Iterable, Optional
 from config import JobFileError
 
 FOLDER_JOB_FILE = "job.json"
+PRESET_FILE = "preset.json"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".!sync",
                  ".!qb", ".filepart", ".swp", "~")
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini", "@eaDir", "#recycle", "$RECYCLE.BIN", "lost+found"}
@@ -38,9 +48,30 @@ class Candidate:
     folder: Path  # where its relative paths are resolved
     source: str  # the job file's path relative to the inbox
     is_folder: bool
+    preset: Optional[str] = None  # the preset folder's name (its jobs are named "<preset>/<name>")
+    image: Optional[Path] = None  # an image dropped into a preset folder: the job's image1
+
+    @property
+    def preset_folder(self) -> Optional[Path]:
+        if self.preset is None:
+            return None
+        return self.folder if self.image is not None else self.folder.parent
+
+    @property
+    def preset_file(self) -> Optional[Path]:
+        folder = self.preset_folder
+        return folder / PRESET_FILE if folder is not None else None
+
+    @property
+    def output_stem(self) -> str:
+        """The default output name: the job's name without its preset."""
+        return self.name.rpartition("/")[2]
 
     def owned_files(self, images: Iterable[Path] = ()) -> list[Path]:
-        """Every file that belongs to this job: the whole folder, or the file and its images."""
+        """Every file that belongs to this job (and leaves the inbox with it): the whole folder,
+        the file and its images, or the image dropped into a preset folder."""
+        if self.image is not None:
+            return [self.image]
         if self.is_folder:
             return sorted(p for p in self.folder.rglob("*")
                           if p.is_file() and not p.is_symlink() and not _hidden_below(p, self.folder))
@@ -60,10 +91,47 @@ def find_candidates(inbox: Path) -> list[Candidate]:
         path = Path(entry.path)
         if entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(".json"):
             found.append(Candidate(path.stem, path, inbox, entry.name, False))
+        elif entry.is_dir(follow_symlinks=False) and (path / PRESET_FILE).is_file():
+            found += preset_candidates(path)
         elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
             found.append(Candidate(entry.name, path / FOLDER_JOB_FILE, path,
                                    f"{entry.name}/{FOLDER_JOB_FILE}", True))
     return found
+
+
+def is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMAGE_SUFFIXES)
+
+
+def preset_candidates(folder: Path) -> list[Candidate]:
+    """The jobs in a preset folder: its images (but the preset's own references) and its
+    sub-folders holding ``job.json``."""
+    preset = folder.name
+    shared = preset_references(folder / PRESET_FILE)
+    found = []
+    for entry in sorted(os.scandir(folder), key=lambda e: e.name):
+        if is_ignored(entry.name) or entry.name in shared:
+            continue
+        path = Path(entry.path)
+        if entry.is_file(follow_symlinks=False) and is_image_name(entry.name):
+            found.append(Candidate(f"{preset}/{path.stem}", folder / PRESET_FILE, folder,
+                                   f"{preset}/{entry.name}", False, preset=preset, image=path))
+        elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
+            found.append(Candidate(f"{preset}/{entry.name}", path / FOLDER_JOB_FILE, path,
+                                   f"{preset}/{entry.name}/{FOLDER_JOB_FILE}", True, preset=preset))
+    return found
+
+
+def preset_references(preset_file: Path) -> set[str]:
+    """The file names a preset gives as image2/image3 (read leniently: a broken preset holds
+    every job of its folder anyway)."""
+    try:
+        data = json.loads(preset_file.read_bytes())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(data, dict):
+        return set()
+    return {os.path.normpath(value) for key in ("image2", "image3") if isinstance(value := data.get(key), str)}
 
 
 def resolve_inside(folder: Path, relative: str, source: str, field_name: str) -> Path:
@@ -102,10 +170,17 @@ def signature(path: Path) -> Optional[Signature]:
 
 @dataclass
 class SettleTracker:
-    """Tells when a file's size and mtime have stayed the same for ``settle_seconds``."""
+    """Tells when a file's size and mtime have stayed the same for ``settle_seconds``.
+
+    Where the watcher hears a writer close a file (or a file renamed into place), it records
+    the file's signature at that moment in ``closed``; such a file is ready once it has kept
+    that signature for ``settle_after_close``, which is much shorter than ``settle_seconds``.
+    """
 
     settle_seconds: float
+    settle_after_close: float = 0.5
     stat: Callable[[Path], Optional[Signature]] = signature
+    closed: dict[Path, tuple[Signature, float]] = field(default_factory=dict)
     _seen: dict[Path, tuple[Signature, float]] = field(default_factory=dict)
 
     def settled(self, path: Path, now: float) -> bool:
@@ -113,11 +188,20 @@ class SettleTracker:
         if current is None:
             self._seen.pop(path, None)
             return False
+        at_close = self.closed.get(path)
+        if at_close is not None and at_close[0] == current and now - at_close[1] >= self.settle_after_close:
+            return True
         previous = self._seen.get(path)
         if previous is None or previous[0] != current:
             self._seen[path] = (current, now)
             return self.settle_seconds == 0
         return now - previous[1] >= self.settle_seconds
+
+    def saw_close(self, path: Path, now: float) -> None:
+        """A writer closed ``path`` (or it was renamed into place) at ``now``."""
+        current = self.stat(path)
+        if current is not None:
+            self.closed[path] = (current, now)
 
     def stable_for(self, path: Path, now: float) -> float:
         previous = self._seen.get(path)
@@ -126,6 +210,7 @@ class SettleTracker:
     def forget(self, paths: Iterable[Path]) -> None:
         for path in paths:
             self._seen.pop(path, None)
+            self.closed.pop(path, None)
 
 
 def unique_path(folder: Path, stem: str, suffixes: Iterable[str] = ("",)) -> tuple[Path, str]:

@@ -8,11 +8,16 @@
 A crash between 3 and 4 leaves the files in the inbox; the next scan finds a job recorded
 from the same bytes whose inbox copy was never cleared, and only finishes step 4. Bad job
 files go to ``failed/`` with their files and a report naming the field; nothing is deleted.
+
+An image in a preset folder is a job with the preset's values; a preset that is not usable
+(bad JSON, a bad value) fails none of its images: they wait, an alarm names the problem, and
+they are ingested once the preset is fixed. The preset file and its reference images stay.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import secrets
@@ -22,11 +27,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from config import JobFile, JobFileError, Settings, StageParameters, parse_job_file
+from config import (IMAGE_KEYS, JobFile, JobFileError, Settings, StageParameters, job_over_preset, parse_job_file,
+                    parse_preset)
 from db import Database, jobs
 from processor import publish
 from processor.faults import fault_point
-from processor.inbox import Candidate, SettleTracker, find_candidates, remove_empty_dirs, resolve_inside
+from processor.inbox import (PRESET_FILE, Candidate, SettleTracker, find_candidates, remove_empty_dirs,
+                             resolve_inside)
+from processor.logs import job_context
 from stages.checkpoint import fsync_dir
 from stages.prepare import ImageError, load_image
 
@@ -54,8 +62,10 @@ class Ingestor:
     def __init__(self, settings: Settings, db: Database):
         self.settings = settings
         self.db = db
-        self.tracker = SettleTracker(settings.settle_seconds)
+        self.tracker = SettleTracker(settings.settle_seconds, settings.settle_after_close)
         self.waiting: dict[str, Waiting] = {}
+        self._preset_errors: dict[str, str] = {}  # preset name -> the error last reported
+        self._presets_usable: set[str] = set()  # presets found usable since their last error
 
     def scan(self, now: float) -> ScanResult:
         """Look at everything in the inbox once; ingest what is ready."""
@@ -103,8 +113,12 @@ class Ingestor:
         if size > self.settings.max_job_file_bytes:
             raise JobFileError(candidate.source, f"{size} bytes is more than max_job_file_bytes="
                                f"{self.settings.max_job_file_bytes}")
-        job, params = parse_job_file(candidate.job_file.read_bytes(), candidate.source, self.settings.defaults)
-        images = {key: resolve_inside(candidate.folder, rel, candidate.source, key)
+        parsed = self._parse(candidate, waiting, now)
+        if parsed is None:
+            return None
+        job, params, from_preset = parsed
+        images = {key: resolve_inside(candidate.preset_folder if key in from_preset else candidate.folder,
+                                      rel, candidate.source, key)
                   for key, rel in job.images().items()}
         for key, path in images.items():
             reason = self._image_not_ready(candidate, key, path, waiting, now)
@@ -115,6 +129,59 @@ class Ingestor:
             waiting.reason = "other files in the job folder still changing"
             return None
         return self._ingest(candidate, job, params, images)
+
+    def _parse(self, candidate: Candidate, waiting: Waiting,
+               now: float) -> Optional[tuple[JobFile, StageParameters, set[str]]]:
+        """The job's values (over its preset's), and which images the preset named; None while
+        its preset is not usable."""
+        if candidate.preset is None:
+            job, params = parse_job_file(candidate.job_file.read_bytes(), candidate.source, self.settings.defaults)
+            return job, params, set()
+        preset = self._preset(candidate, waiting, now)
+        if preset is None:
+            return None
+        job_raw = candidate.job_file.read_bytes() if candidate.image is None else None
+        image1 = candidate.image.name if candidate.image is not None else None
+        job, params = job_over_preset(preset, job_raw, image1, candidate.source, self.settings.defaults)
+        own = set(json.loads(job_raw)) if job_raw is not None else {"image1"}
+        return job, params, {key for key in IMAGE_KEYS if key in preset and key not in own}
+
+    def _preset(self, candidate: Candidate, waiting: Waiting, now: float) -> Optional[dict]:
+        """The preset's values; None (the job waits, it does not fail) while it is not usable."""
+        name, path = candidate.preset, candidate.preset_file
+        if not self.tracker.settled(path, now):
+            waiting.reason = f"the preset file {name}/{PRESET_FILE} is still changing"
+            return None
+        try:
+            size = path.stat().st_size
+            if size > self.settings.max_job_file_bytes:
+                raise JobFileError(f"{name}/{PRESET_FILE}", f"{size} bytes is more than max_job_file_bytes="
+                                   f"{self.settings.max_job_file_bytes}")
+            preset = parse_preset(path.read_bytes(), f"{name}/{PRESET_FILE}", self.settings.defaults)
+        except JobFileError as exc:
+            waiting.reason = f"its preset is not usable ({exc}); it waits until the preset is fixed"
+            waiting.missing = True  # waiting alone will not help
+            self._preset_alarm(name, str(exc))
+            return None
+        if name not in self._presets_usable:
+            self._presets_usable.add(name)
+            self._preset_errors.pop(name, None)
+            with self.db.begin() as session:  # an alarm raised before (perhaps by an earlier process) ends
+                alarm = jobs.last_alarm(session, f"preset {name} ")
+                if alarm is not None and alarm.level == "error":
+                    log.warning("preset %s is usable again", name)
+                    jobs.add_event(session, None, "alarm", f"preset {name} is usable again", level="warning")
+        return preset
+
+    def _preset_alarm(self, name: str, message: str) -> None:
+        self._presets_usable.discard(name)
+        if self._preset_errors.get(name) == message:
+            return
+        self._preset_errors[name] = message
+        text = f"preset {name} is not usable: {message}. Its images wait in the inbox until it is fixed."
+        log.error("ALARM: %s", text)
+        with self.db.begin() as session:
+            jobs.add_event(session, None, "alarm", text, level="error")
 
     def _image_not_ready(self, candidate: Candidate, key: str, path: Path, waiting: Waiting,
                          now: float) -> Optional[str]:
@@ -142,6 +209,7 @@ class Ingestor:
     def _ingest(self, candidate: Candidate, job: JobFile, params: StageParameters,
                 images: dict[str, Path]) -> int:
         files = candidate.owned_files(images.values())
+        shared = [path for path in images.values() if path not in files]  # a preset's references stay
         key = ingest_key(candidate, files)
         with self.db.begin() as session:
             existing = jobs.find_uncleared_ingest(session, key)
@@ -149,51 +217,61 @@ class Ingestor:
         if existing_id is not None:
             log.info("%s: already recorded as job %d; finishing its removal from the inbox",
                      candidate.source, existing_id)
-            self._clear_inbox(candidate, files, existing_id)
+            self._clear_inbox(candidate, files, key)
             return existing_id
 
         work_dir = self.settings.work / "jobs" / f"{key[:16]}-{uuid.uuid4().hex[:8]}"
         originals = work_dir / "originals"
         inputs = []
-        for path in files:
-            relative = path.relative_to(candidate.folder).as_posix()
+        for path in files + shared:
+            relative = stored_name(candidate, path)
             sha, size = copy_durably(path, originals / relative)
             label = next((k for k, p in images.items() if p == path), None)
             inputs.append({"key": label, "name": relative, "sha256": sha, "size": size})
         fsync_dir(originals)
         fault_point("ingest.copied")
 
-        seed = job.seed if job.seed is not None else secrets.randbelow(2**32)
+        seeds, seed_source = job_seeds(job)
+        base_name = job.output_name or candidate.output_stem
         spec = {
             "job_file": job.model_dump(exclude_none=True, mode="json"),
             "job_file_name": candidate.job_file.relative_to(candidate.folder).as_posix(),
             "prompt": job.prompt,
             "negative_prompt": job.negative_prompt,
-            "images": {k: p.relative_to(candidate.folder).as_posix() for k, p in images.items()},
-            "seed": seed,
-            "seed_source": "job file" if job.seed is not None else "chosen at ingest",
+            "images": {k: stored_name(candidate, p) for k, p in images.items()},
+            "seed_source": seed_source,
             "parameters": params.model_dump(mode="json"),
-            "output_name": job.output_name or candidate.name,
             "is_folder": candidate.is_folder,
+            "preset": candidate.preset,
+            "outbox_subfolder": candidate.preset,
         }
+        # One job per seed: a seed sweep shares the originals and, through the fingerprints,
+        # every checkpoint before ``sample``.
         with self.db.begin() as session:
-            row = jobs.create_job(session, name=candidate.name, source=candidate.source, ingest_key=key,
-                                  spec=spec, inputs=inputs, work_dir=str(work_dir), priority=job.priority)
-            job_id = row.id
-        log.info("job %d ingested from %s (seed %d)", job_id, candidate.source, seed)
+            job_ids = []
+            for seed in seeds:
+                suffix = f"-{seed}" if len(seeds) > 1 else ""
+                row = jobs.create_job(session, name=candidate.name + suffix, source=candidate.source,
+                                      ingest_key=key, spec={**spec, "seed": seed, "output_name": base_name + suffix},
+                                      inputs=inputs, work_dir=str(work_dir), priority=job.priority,
+                                      preset=candidate.preset)
+                job_ids.append(row.id)
+        with job_context(job_ids[0], "ingest"):
+            log.info("job %s ingested from %s (seed %s)", ", ".join(map(str, job_ids)), candidate.source,
+                     ", ".join(map(str, seeds)))
         fault_point("ingest.recorded")
-        self._clear_inbox(candidate, files, job_id)
-        return job_id
+        self._clear_inbox(candidate, files, key)
+        return job_ids[0]
 
-    def _clear_inbox(self, candidate: Candidate, files: list[Path], job_id: int) -> None:
+    def _clear_inbox(self, candidate: Candidate, files: list[Path], key: str) -> None:
         for path in files:
             path.unlink(missing_ok=True)
         if candidate.is_folder:
             remove_empty_dirs(candidate.folder)
-        fsync_dir(self.settings.inbox)
+        fsync_dir(candidate.preset_folder if candidate.preset is not None else self.settings.inbox)
         self.tracker.forget(files)
         with self.db.begin() as session:
-            jobs.mark_inbox_cleared(session, job_id)
+            jobs.mark_inbox_cleared(session, key)
 
     # Rejection ------------------------------------------------------------------------------
 
@@ -221,6 +299,25 @@ class Ingestor:
         self.waiting.pop(candidate.source, None)
         with self.db.begin() as session:
             jobs.add_event(session, None, "rejected", str(error), level="error")
+
+
+def job_seeds(job: JobFile) -> tuple[list[int], str]:
+    """The seeds a job file asks for (``seed``, ``seeds`` or ``variations``), and where they came from."""
+    if job.seeds:
+        return list(job.seeds), "job file"
+    count = job.variations or 1
+    if job.seed is not None:
+        return [job.seed + i for i in range(count)], "job file" if count == 1 else "job file seed + variation"
+    return [secrets.randbelow(2**32) for _ in range(count)], "chosen at ingest"
+
+
+def stored_name(candidate: Candidate, path: Path) -> str:
+    """Where a job's file goes below ``originals/``: its path in the job's folder; a preset's
+    reference image of a folder job inside the preset, below ``preset/``."""
+    try:
+        return path.relative_to(candidate.folder).as_posix()
+    except ValueError:
+        return "preset/" + path.relative_to(candidate.preset_folder).as_posix()
 
 
 def getattr_str(path: Path, folder: Path) -> str:

@@ -7,6 +7,10 @@
   rewrites the same files instead of making a duplicate.
 - failed: ``<name>.error.json`` and a folder ``<name>/`` with the job's original files.
 - archive: a folder ``<job id>-<name>/`` with the original files of a finished job.
+
+A job from a preset folder is named ``<preset>/<name>``: its files go into the same sub-folder
+of failed/ and archive/ (``failed/<preset>/<name>.error.json``, ``archive/<preset>/<id>-<name>/``),
+as its outputs go into ``outbox/<preset>/``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import shutil
 from datetime import datetime, timezone
 from pathlib import Path
@@ -87,7 +92,7 @@ def _write_error(failed: Path, name: str, report: dict[str, Any]) -> Path:
 def report_rejected(settings: Settings, name: str, base: Path, files: Iterable[Path], *, source: str,
                     error: str, field: Optional[str]) -> Path:
     """Move a job that was never ingested to failed/, with a report naming the problem."""
-    failed = settings.failed
+    failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
     moved = move_files(files, base, folder)
@@ -99,7 +104,7 @@ def report_rejected(settings: Settings, name: str, base: Path, files: Iterable[P
 
 def report_failed(settings: Settings, name: str, originals: Path, report: dict[str, Any]) -> Path:
     """Copy a failed job's originals to failed/ beside its error report (work keeps its copy for retry)."""
-    failed = settings.failed
+    failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
     copied = []
@@ -118,10 +123,18 @@ def archive_originals(settings: Settings, job_id: int, name: str, originals: Pat
     if settings.originals == "delete":
         shutil.rmtree(originals)
         return None
-    settings.archive.mkdir(parents=True, exist_ok=True)
-    target, _ = unique_path(settings.archive, f"{job_id}-{name}")
+    archive, name = _nested(settings.archive, name)
+    archive.mkdir(parents=True, exist_ok=True)
+    target, _ = unique_path(archive, f"{job_id}-{name}")
     shutil.move(str(originals), str(target))
+    os.utime(target)  # its age is the time it was archived (retention goes by it)
     return target
+
+
+def _nested(folder: Path, name: str) -> tuple[Path, str]:
+    """``preset/name`` -> (``folder/preset``, ``name``); a plain name stays in ``folder``."""
+    parent, _, leaf = name.rpartition("/")
+    return (folder / parent if parent else folder), leaf
 
 
 def _now() -> str:

@@ -21,11 +21,18 @@ def _age(then) -> str:
     return f"{seconds:.0f}s"
 
 
+def progress_bar(step: int, total: int, width: int = 10) -> str:
+    filled = width * step // total if total else 0
+    return "[" + "#" * filled + "." * (width - filled) + "]"
+
+
 def _progress(job) -> str:
+    """Sampling: a bar and the step; another stage: that it is under way."""
     if job.state != "running" or not job.stage:
         return ""
     if job.steps_total:
-        return f"{job.step or 0}/{job.steps_total}"
+        step = job.step or 0
+        return f"{progress_bar(step, job.steps_total)} {step}/{job.steps_total}"
     return "..."
 
 
@@ -33,6 +40,7 @@ def status_rows(db: Database, include_finished: bool = True, limit: int = 50) ->
     states = None if include_finished else ["waiting", "queued", "running"]
     with db.begin() as session:
         rows = [{"id": j.id, "name": j.name, "state": j.state, "stage": j.stage or "", "progress": _progress(j),
+                 "step": j.step, "steps_total": j.steps_total, "preset": j.preset,
                  "attempts": j.attempts, "age": _age(j.created_at), "created_at": j.created_at.isoformat() + "Z",
                  "error": j.error or "", "output": (j.result or {}).get("image", "")}
                 for j in jobs.list_jobs(session, states, limit)]
@@ -63,7 +71,7 @@ def job_detail(db: Database, job_id: int) -> Optional[dict[str, Any]]:
             return None
         return {
             "id": job.id, "name": job.name, "state": job.state, "stage": job.stage, "step": job.step,
-            "steps_total": job.steps_total, "source": job.source, "priority": job.priority,
+            "steps_total": job.steps_total, "source": job.source, "preset": job.preset, "priority": job.priority,
             "attempts": job.attempts, "crashes": job.crashes, "error": job.error, "error_kind": job.error_kind,
             "next_attempt_at": job.next_attempt_at, "created_at": job.created_at, "finished_at": job.finished_at,
             "seed": job.spec.get("seed"), "prompt": job.spec.get("prompt"),
@@ -79,7 +87,8 @@ def job_detail(db: Database, job_id: int) -> Optional[dict[str, Any]]:
 
 def job_detail_text(d: dict[str, Any]) -> str:
     lines = [f"job {d['id']} {d['name']}: {d['state']}" + (f" ({d['stage']})" if d["stage"] else ""),
-             f"  source: {d['source']}   seed: {d['seed']}   attempts: {d['attempts']}   crashes: {d['crashes']}",
+             f"  source: {d['source']}   seed: {d['seed']}   attempts: {d['attempts']}   crashes: {d['crashes']}"
+             + (f"   preset: {d['preset']}" if d.get("preset") else ""),
              f"  prompt: {d['prompt']}"]
     if d["error"]:
         lines.append(f"  error ({d['error_kind']}): {d['error']}")

@@ -1,10 +1,13 @@
-"""Running a claimed job: stages with checkpoints, then publishing.
+"""Running one unit of work: a stage of a job, with checkpoints; publishing after ``decode``.
 
-For the final stage, ``obtain`` returns a verified checkpoint when one exists under the
-fingerprint, or computes it from the checkpoints of the stages it reads (obtained the same
-way). So a job resumes at the first missing checkpoint, a changed seed reruns only ``sample``
-and ``decode``, and a checkpoint whose bytes do not match the recorded sha256 is recomputed,
-never trusted. ``sample`` writes a partial after each step and resumes from the newest one.
+The scheduler asks ``plan`` and ``next_stages`` what a job still needs: walking back from
+``decode``, every stage without a recorded checkpoint is needed, and the needed stages whose
+inputs all exist can run now. So a job resumes at the first missing checkpoint, a changed seed
+reruns only ``sample`` and ``decode``, and a seed sweep encodes once. ``run_unit`` computes one
+stage from the checkpoints it reads (verified against their recorded sha256; a bad one is
+recomputed, never trusted), records it, and gives the job back to the queue, so that the
+scheduler can run the same stage for other jobs while its models are loaded.
+``sample`` writes partials and resumes from the newest one.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import logging
 import platform
 import threading
 import time
+from collections import Counter, OrderedDict
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -23,16 +28,63 @@ from db import Database, Job, checkpoints, jobs, utcnow
 from processor import publish
 from processor.faults import fault_point
 from processor.inbox import remove_empty_dirs
-from stages import (BY_NAME, JobInputs, SampleResume, StageContext, StageInterrupted, classify, compute,
-                    fingerprint_chain)
+from stages import (BY_NAME, STAGE_NAMES, JobInputs, SampleResume, StageContext, StageInterrupted, classify,
+                    compute, fingerprint_chain)
 from stages import checkpoint as ckpt
 from stages.errors import PermanentError, RetryableError
 
 log = logging.getLogger(__name__)
 
+PUBLISH = "publish"  # the unit that publishes a job whose decode checkpoint already exists
+
 
 class JobStopped(Exception):
     """The job was interrupted at a step boundary (shutdown or cancel)."""
+
+
+@dataclass
+class JobPlan:
+    """What a job computes: its stage inputs and the fingerprint of every stage."""
+
+    job_id: int
+    params: StageParameters
+    ctx: StageContext
+    identities: dict[str, str]
+    chain: dict[str, str]
+    engine_id: str
+
+
+@dataclass
+class Unit:
+    """One unit of work: ``stage`` of ``job`` (or publishing it); ``error`` when it cannot be planned."""
+
+    job: Job
+    stage: str
+    models: tuple[str, ...] = ()
+    error: Optional[Exception] = None
+
+
+class PayloadMemo:
+    """Recently written or verified checkpoint payloads, so the next stage need not re-read them."""
+
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._items: "OrderedDict[str, tuple[Any, int]]" = OrderedDict()
+
+    def get(self, fingerprint: str) -> Any:
+        item = self._items.get(fingerprint)
+        if item is None:
+            return None
+        self._items.move_to_end(fingerprint)
+        return item[0]
+
+    def put(self, fingerprint: str, payload: Any, size: int) -> None:
+        if size > self.max_bytes:
+            return
+        self._items[fingerprint] = (payload, size)
+        self._items.move_to_end(fingerprint)
+        while sum(s for _, s in self._items.values()) > self.max_bytes:
+            self._items.popitem(last=False)
 
 
 class JobRunner:
@@ -46,27 +98,22 @@ class JobRunner:
         self.progress = progress or (lambda _text: None)
         self.cache_dir = settings.work / "cache"
         self._cancel_checked = 0.0
+        self._plans: dict[int, JobPlan] = {}
+        self._memo = PayloadMemo()
+        self._unit_start_loads: Counter = Counter()
+        self.model_loads: dict[int, Counter] = {}
 
     @property
     def engine(self):
         return self._engine_factory()
 
-    def run(self, job: Job) -> str:
-        """Run a claimed job to its end; returns the state it ends in."""
-        try:
-            result = self._run(job)
-        except JobStopped:
-            return self._stopped(job)
-        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
-            return self._failed(job, exc)
-        with self.db.begin() as session:
-            jobs.mark_done(session, job.id, self.worker, result)
-        log.info("job %d done: %s", job.id, result["image"])
-        return "done"
+    # Planning --------------------------------------------------------------------------------------
 
-    # The job -----------------------------------------------------------------------------------
-
-    def _run(self, job: Job) -> dict:
+    def plan(self, job: Job) -> JobPlan:
+        """The job's fingerprints (computed once per process; model files are looked up here)."""
+        plan = self._plans.get(job.id)
+        if plan is not None:
+            return plan
         spec = job.spec
         params = StageParameters.model_validate(spec["parameters"])
         inputs = JobInputs(prompt=spec["prompt"], negative_prompt=spec["negative_prompt"], seed=spec["seed"],
@@ -77,29 +124,88 @@ class JobRunner:
         engine = self.engine
         identities = engine.model_identities(params)
         engine_id = f"{engine.name} {engine.version()} on {engine.device_name()}"
-        chain = fingerprint_chain(inputs, params, engine_id, identities)
-        started = time.perf_counter()
-        memo: dict[str, Any] = {}
-        decoded = self._obtain("decode", job, ctx, chain, memo)
-        manifest = self._manifest(job, params, engine, identities, chain, time.perf_counter() - started)
-        return self._publish(job, params, decoded["image"], manifest)
+        plan = JobPlan(job.id, params, ctx, identities, fingerprint_chain(inputs, params, engine_id, identities),
+                       engine_id)
+        self._plans[job.id] = plan
+        return plan
 
-    def _obtain(self, name: str, job: Job, ctx: StageContext, chain: dict[str, str], memo: dict) -> Any:
-        if name in memo:
-            return memo[name]
-        fingerprint = chain[name]
-        payload = self._load_checkpoint(name, fingerprint, job)
+    def next_stages(self, plan: JobPlan, recorded: set[str]) -> list[str]:
+        """Stages of the job that can run now, given the set of fingerprints with a checkpoint."""
+        if plan.chain["decode"] in recorded:
+            return [PUBLISH]
+        needed: list[str] = []
+        pending = ["decode"]
+        while pending:
+            name = pending.pop()
+            if name in needed or plan.chain[name] in recorded:
+                continue
+            needed.append(name)
+            pending.extend(BY_NAME[name].reads)
+        return [name for name in STAGE_NAMES if name in needed
+                and all(plan.chain[read] in recorded for read in BY_NAME[name].reads)]
+
+    def stage_models(self, stage: str) -> tuple[str, ...]:
+        """Model roles the engine loads for ``stage`` (the engine may need fewer than it fingerprints)."""
+        if stage == PUBLISH:
+            return ()
+        engine_models = getattr(self.engine, "stage_models", None)
+        return tuple(engine_models(stage)) if engine_models else BY_NAME[stage].models
+
+    def forget(self, job_id: int) -> None:
+        self._plans.pop(job_id, None)
+
+    # Running a unit --------------------------------------------------------------------------------
+
+    def run_unit(self, unit: Unit) -> str:
+        """Run a claimed unit; returns the state the job is left in."""
+        job = unit.job
+        self._unit_start_loads = self._cache_loads()
+        try:
+            if unit.error is not None:
+                raise unit.error
+            state = self._run_stage(job, unit.stage)
+        except JobStopped:
+            state = self._stopped(job)
+        except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
+            state = self._failed(job, exc)
+        finally:
+            self.model_loads.setdefault(job.id, Counter()).update(self._unit_loads())
+        if state in ("done", "failed", "cancelled"):
+            self.forget(job.id)
+        return state
+
+    def _run_stage(self, job: Job, stage: str) -> str:
+        plan = self.plan(job)
+        if stage == PUBLISH:
+            decoded = self._obtain("decode", job, plan)
+        else:
+            inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[stage].reads}
+            decoded = self._compute(stage, job, plan, inputs)
+            if stage != "decode":
+                with self.db.begin() as session:
+                    jobs.release_between_stages(session, job.id, self.worker)
+                return "queued"
+        result = self._publish(job, plan, decoded["image"])
+        with self.db.begin() as session:
+            jobs.mark_done(session, job.id, self.worker, result)
+        log.info("job %d done: %s", job.id, result["image"])
+        return "done"
+
+    def _obtain(self, name: str, job: Job, plan: JobPlan) -> Any:
+        """A stage's payload: from memory, from its verified checkpoint, or computed again."""
+        fingerprint = plan.chain[name]
+        payload = self._memo.get(fingerprint)
         if payload is None:
-            stage = BY_NAME[name]
-            inputs = {read: self._obtain(read, job, ctx, chain, memo) for read in stage.reads}
-            payload = self._compute(name, fingerprint, job, ctx, inputs)
-        memo[name] = payload
+            payload = self._load_checkpoint(name, fingerprint, job)
+        if payload is None:
+            inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[name].reads}
+            payload = self._compute(name, job, plan, inputs)
         return payload
 
     def _load_checkpoint(self, name: str, fingerprint: str, job: Job) -> Any:
         with self.db.begin() as session:
             row = checkpoints.lookup(session, fingerprint)
-            recorded = (row.path, row.sha256) if row else None
+            recorded = (row.path, row.sha256, row.size) if row else None
         if recorded is None:
             return None
         try:
@@ -111,14 +217,19 @@ class JobRunner:
                 jobs.add_event(session, job.id, "checkpoint", f"{name}: {exc}; recomputed", level="warning")
             return None
         with self.db.begin() as session:
-            checkpoints.record_hit(session, job.id, name, fingerprint, recorded[1], self.engine.device_name(),
-                                   self.worker)
-        log.info("job %d: %s reused from checkpoint %s", job.id, name, fingerprint[:12])
+            if not checkpoints.has_run(session, job.id, name, fingerprint):
+                checkpoints.record_hit(session, job.id, name, fingerprint, recorded[1], self.engine.device_name(),
+                                       self.worker)
+                log.info("job %d: %s reused from checkpoint %s", job.id, name, fingerprint[:12])
+            else:
+                checkpoints.touch(session, fingerprint)
+        self._memo.put(fingerprint, payload, recorded[2])
         return payload
 
-    def _compute(self, name: str, fingerprint: str, job: Job, ctx: StageContext, inputs: dict) -> Any:
+    def _compute(self, name: str, job: Job, plan: JobPlan, inputs: dict) -> Any:
+        fingerprint = plan.chain[name]
         resume = self._resume_point(name, fingerprint) if name == "sample" else None
-        steps_total = ctx.params.steps if name == "sample" else None
+        steps_total = plan.params.steps if name == "sample" else None
         with self.db.begin() as session:
             self._record_progress(session, job, name, resume.step if resume else None, steps_total)
             run_id = checkpoints.start_run(session, job.id, name, fingerprint, self.engine.device_name(),
@@ -127,7 +238,7 @@ class JobRunner:
         started = time.perf_counter()
         on_step = self._step_recorder(job, fingerprint, steps_total) if name == "sample" else None
         try:
-            payload = compute(name, self.engine, inputs, ctx, resume=resume, on_step=on_step,
+            payload = compute(name, self.engine, inputs, plan.ctx, resume=resume, on_step=on_step,
                               should_stop=lambda: self._should_stop(job))
         except StageInterrupted as exc:
             with self.db.begin() as session:
@@ -141,6 +252,7 @@ class JobRunner:
         with self.db.begin() as session:
             checkpoints.record(session, fingerprint, name, str(path), sha, size)
             checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started)
+        self._memo.put(fingerprint, payload, size)
         if name == "sample":
             self._drop_partials(fingerprint)
         log.info("job %d: %s computed in %.3fs", job.id, name, time.perf_counter() - started)
@@ -240,7 +352,7 @@ class JobRunner:
         message = str(exc) or type(exc).__name__
         with self.db.begin() as session:
             current = jobs.get_job(session, job.id)
-            attempts = current.attempts if current else job.attempts
+            attempts = (current.attempts if current else job.attempts) + 1
         if kind is RetryableError and attempts < self.settings.max_attempts:
             delay = self.settings.retry_backoff * (2 ** (attempts - 1))
             at = utcnow() + timedelta(seconds=delay)
@@ -265,30 +377,40 @@ class JobRunner:
 
     # Publishing ------------------------------------------------------------------------------------
 
-    def _publish(self, job: Job, params: StageParameters, image, manifest: dict) -> dict:
+    def _publish(self, job: Job, plan: JobPlan, image) -> dict:
+        params = plan.params
+        outbox = publish.outbox_for(self.settings, job.spec)
         with self.db.begin() as session:
             reserved = jobs.get_job(session, job.id).output_name
             if reserved is None:
-                reserved = publish.choose_output_name(publish.outbox_for(self.settings, job.spec), job.spec["output_name"],
-                                                      params.output_format)
+                reserved = publish.choose_output_name(outbox, job.spec["output_name"], params.output_format)
                 jobs.reserve_output_name(session, job.id, reserved)
         text = {"parameters": json.dumps({"prompt": job.spec["prompt"], "negative_prompt": job.spec["negative_prompt"],
                                           "seed": job.spec["seed"], **params.model_dump(mode="json")},
                                          sort_keys=True),
                 "software": "qie-hotfolder"}
         data = publish.image_bytes(image, params.output_format, params.quality, text)
+        manifest = self._manifest(job, plan)
         manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
                               "format": params.output_format}
-        result = publish.publish(publish.outbox_for(self.settings, job.spec), reserved, data, params.output_format, manifest)
-        archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
-        remove_empty_dirs(Path(job.work_dir))
-        result["originals"] = str(archived) if archived else self.settings.originals
+        result = publish.publish(outbox, reserved, data, params.output_format, manifest)
+        result["originals"] = self._archive(job)
         return result
 
-    def _manifest(self, job: Job, params: StageParameters, engine, identities: dict, chain: dict,
-                  seconds: float) -> dict:
+    def _archive(self, job: Job) -> str:
+        """Archive (or delete) the originals once no other job made from the same drop still needs them."""
+        with self.db.begin() as session:
+            if jobs.siblings_unfinished(session, job.id, job.work_dir):
+                return "kept for the other jobs of the same drop"
+        archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
+        remove_empty_dirs(Path(job.work_dir))
+        return str(archived) if archived else self.settings.originals
+
+    def _manifest(self, job: Job, plan: JobPlan) -> dict:
+        engine = self.engine
         with self.db.begin() as session:
             runs = checkpoints.runs_for(session, job.id)
+            row = jobs.get_job(session, job.id)
             stage_rows = [{"stage": r.stage, "fingerprint": r.fingerprint, "cache_hit": r.cache_hit,
                            "duration_s": round(r.duration_s or 0.0, 4), "resumed_from_step": r.resumed_from_step,
                            "device": r.device, "worker": r.worker, "checkpoint_sha256": r.checkpoint_sha256,
@@ -298,24 +420,35 @@ class JobRunner:
         return {
             "job": {"id": job.id, "name": job.name, "source": job.source,
                     "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
-                    "attempts": job.attempts, "crashes": job.crashes},
+                    "attempts": row.attempts, "crashes": row.crashes},
             "job_file": job.spec["job_file"],
             "prompt": job.spec["prompt"],
             "negative_prompt": job.spec["negative_prompt"],
             "seed": job.spec["seed"],
             "seed_source": job.spec["seed_source"],
-            "parameters": params.model_dump(mode="json"),
+            "parameters": plan.params.model_dump(mode="json"),
             "inputs": job.inputs,
             "engine": {"name": engine.name, "version": engine.version(), "device": engine.device_name(),
                        "threads": self.settings.effective_threads},
-            "models": identities,
-            "fingerprints": chain,
+            "models": plan.identities,
+            "fingerprints": plan.chain,
             "stages": stage_rows,
+            "model_loads_for_this_job": dict(self.model_loads.get(job.id, Counter()) + self._unit_loads()),
             "model_cache": cache.stats.as_dict() if cache is not None else None,
-            "seconds_this_run": round(seconds, 4),
             "host": platform.node(),
             "published_at": utcnow().isoformat(timespec="seconds") + "Z",
         }
+
+    def _cache_loads(self) -> Counter:
+        try:
+            cache = getattr(self.engine, "cache", None)
+        except Exception:  # noqa: BLE001 - an engine that cannot start fails the job elsewhere
+            return Counter()
+        return Counter(cache.stats.loads) if cache is not None else Counter()
+
+    def _unit_loads(self) -> Counter:
+        """Models loaded since the current unit started."""
+        return self._cache_loads() - self._unit_start_loads
 
 
 def _images(job: Job) -> list[dict]:

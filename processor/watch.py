@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 from watchdog.events import FileSystemEvent, FileSystemEventHandler
 from watchdog.observers import Observer
@@ -57,24 +58,36 @@ def choose_mode(configured: str, inbox: Path) -> str:
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event):
+    def __init__(self, wake: threading.Event, on_complete: Optional[Callable[[Path, float], None]]):
         self.wake = wake
+        self.on_complete = on_complete
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         name = os.path.basename(os.fsdecode(event.dest_path or event.src_path))
         if event.event_type in ("opened", "closed_no_write") or (is_ignored(name) and not event.dest_path):
             return
+        if self.on_complete is not None and event.event_type in ("closed", "moved"):
+            self._complete(Path(os.fsdecode(event.dest_path or event.src_path)), event.is_directory)
         self.wake.set()
+
+    def _complete(self, path: Path, is_directory: bool) -> None:
+        """A file closed after writing, or renamed into place (with a folder: every file in it)."""
+        now = time.monotonic()
+        files = [path] if not is_directory else [p for p in path.rglob("*") if p.is_file()][:1000]
+        for file in files:
+            self.on_complete(file, now)
 
 
 class InboxWatcher:
     """Sets ``wake`` whenever something changes in the inbox."""
 
-    def __init__(self, inbox: Path, mode: str, poll_interval: float, wake: threading.Event):
+    def __init__(self, inbox: Path, mode: str, poll_interval: float, wake: threading.Event,
+                 on_complete: Optional[Callable[[Path, float], None]] = None):
         self.inbox = inbox
         self.mode = mode
         self.poll_interval = poll_interval
         self.wake = wake
+        self.on_complete = on_complete  # told of files a writer closed (native events only)
         self._observer: Optional[BaseObserver] = None
 
     @property
@@ -83,7 +96,8 @@ class InboxWatcher:
 
     def start(self) -> None:
         observer = PollingObserver(timeout=self.poll_interval) if self.mode == "polling" else Observer()
-        observer.schedule(_Wake(self.wake), str(self.inbox), recursive=True)
+        observer.schedule(_Wake(self.wake, self.on_complete if self.mode != "polling" else None),
+                          str(self.inbox), recursive=True)
         observer.daemon = True
         observer.start()
         self._observer = observer

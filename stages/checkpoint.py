@@ -75,7 +75,7 @@ def encode(payload: Payload, metadata: Optional[dict[str, str]] = None) -> bytes
     """The safetensors bytes of a payload."""
     tensors, skeleton = flatten(payload)
     header = dict(metadata or {})
-    header[SKELETON_KEY] = json.dumps(skeleton, separators=(",", ":"), sort_keys=True)
+    header[SKELETON_KEY] = json.dumps(skeleton, separators=(",", ":"))
     return save_bytes(tensors, metadata=header)
 
 

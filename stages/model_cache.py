@@ -8,6 +8,7 @@ benchmarks can check "each model loaded once for the whole batch".
 from __future__ import annotations
 
 import gc
+import os
 import logging
 import threading
 import time
@@ -47,8 +48,9 @@ class ModelCache:
 
     def __init__(self, budget_bytes: Optional[int] = None,
                  measure: Callable[[Any], int] = model_bytes,
-                 on_load: Optional[Callable[[str], None]] = None):
+                 on_load: Optional[Callable[[str], None]] = None, load_delay: float = 0.0):
         self.budget_bytes = budget_bytes
+        self.load_delay = load_delay  # seconds added to every load, to imitate real model sizes
         self._measure = measure
         self._entries: "OrderedDict[Hashable, tuple[Any, int, str]]" = OrderedDict()
         self._lock = threading.RLock()
@@ -65,6 +67,8 @@ class ModelCache:
                 self._on_load(role)
             started = time.perf_counter()
             model = load()
+            if self.load_delay:
+                time.sleep(self.load_delay)
             elapsed = time.perf_counter() - started
             size = self._measure(model)
             self.stats.loads[role] += 1
@@ -77,6 +81,11 @@ class ModelCache:
     def loaded(self) -> list[str]:
         with self._lock:
             return [role for _, _, role in self._entries.values()]
+
+    def sizes(self) -> dict[str, int]:
+        """Bytes held by each loaded model, by role."""
+        with self._lock:
+            return {role: size for _, size, role in self._entries.values()}
 
     def resident_bytes(self) -> int:
         with self._lock:
@@ -103,6 +112,18 @@ class ModelCache:
     def clear(self) -> None:
         for key in list(self._entries):
             self.evict(key)
+
+
+def memory_budget(device: str, share: float = 0.9) -> int:
+    """A default budget: ``share`` of the GPU's memory on CUDA, of physical RAM on the CPU."""
+    try:
+        import torch
+        if device != "cpu" and torch.cuda.is_available():
+            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+            return int(torch.cuda.get_device_properties(index).total_memory * share)
+    except ImportError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
 
 
 def _empty_device_cache() -> None:

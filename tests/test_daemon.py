@@ -27,7 +27,7 @@ def test_a_dropped_job_produces_its_image_and_manifest_in_the_outbox(folders: Fo
     image = Image.open(folders.outbox / "winter.png")
     assert image.size == (manifest["output"]["width"], manifest["output"]["height"]) == (64, 64)
     assert json.loads(image.text["parameters"])["seed"] == 11 == manifest["seed"]
-    assert [s["stage"] for s in manifest["stages"]] == ["prepare", "encode_latent", "encode_text", "sample", "decode"]
+    assert [s["stage"] for s in manifest["stages"]] == ["prepare", "encode_text", "encode_latent", "sample", "decode"]
     assert manifest["engine"]["name"] == "diffusers" and "diffusers" in manifest["engine"]["version"]
     assert set(manifest["models"]) == {"vae", "text_encoder", "transformer"}
     assert {i["name"] for i in manifest["inputs"]} == {"job.json", "photo.png"}
@@ -80,11 +80,10 @@ def test_a_job_killed_during_sample_resumes_and_gives_the_same_bytes(folders: Fo
     assert folders.db_rows("SELECT state, crashes FROM jobs") == [("done", 1)]
     runs = folders.stage_runs(1)
     first_life, second_life = runs[:4], runs[4:]
-    assert [r[0] for r in first_life] == ["prepare", "encode_latent", "encode_text", "sample"]
-    # After the restart only unfinished work is redone: the encodings are reused and sampling
-    # continues after step 3.
-    assert second_life == [("prepare", 1, None, None), ("encode_latent", 1, None, None),
-                           ("encode_text", 1, None, None), ("sample", 0, 3, None), ("decode", 0, None, None)]
+    assert [r[0] for r in first_life] == ["prepare", "encode_text", "encode_latent", "sample"]
+    # After the restart only unfinished work is redone: sampling continues after step 3 from
+    # the checkpointed encodings, then decode.
+    assert second_life == [("sample", 0, 3, None), ("decode", 0, None, None)]
 
 
 def test_changing_only_the_seed_reuses_the_prepare_and_encode_checkpoints(folders: Folders):
@@ -167,7 +166,7 @@ def test_status_and_show_report_jobs(folders: Folders):
     listed = json.loads(folders.run("status", "--json").stdout)["jobs"]
     assert [(j["name"], j["state"]) for j in listed] == [("report", "done")]
     shown = json.loads(folders.run("show", "1", "--json").stdout)
-    assert [r["stage"] for r in shown["stage_runs"]] == ["prepare", "encode_latent", "encode_text", "sample", "decode"]
+    assert [r["stage"] for r in shown["stage_runs"]] == ["prepare", "encode_text", "encode_latent", "sample", "decode"]
 
 
 def test_a_second_daemon_on_the_same_folders_refuses_to_start(folders: Folders):

@@ -1,0 +1,82 @@
+"""Running a batch of tiny jobs through an in-process daemon, for the benchmarks."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from config import load_settings  # noqa: E402
+from processor.daemon import Daemon  # noqa: E402
+from tests.daemon import make_image, tiny_job  # noqa: E402
+
+
+def colour(i: int) -> tuple[int, int, int]:
+    return (40 + (i * 37) % 200, 60 + (i * 91) % 180, 90 + (i * 53) % 160)
+
+
+def drop_jobs(inbox: Path, count: int, offset: int = 0, **job: Any) -> None:
+    """``count`` folder jobs, each with its own image (so nothing is reused between them)."""
+    inbox.mkdir(parents=True, exist_ok=True)
+    for i in range(offset, offset + count):
+        folder = inbox / f".staging-{i}"
+        folder.mkdir(parents=True)
+        make_image(folder / "photo.png", (64, 64), colour(i))
+        (folder / "job.json").write_text(json.dumps(tiny_job(**{"seed": i, **job})))
+        folder.rename(inbox / f"job-{i:04d}")
+
+
+def settings_for(root: Path, model: Path, **overrides: Any):
+    values = dict(inbox=root / "inbox", outbox=root / "outbox", failed=root / "failed", archive=root / "archive",
+                  work=root / "work", state=root / "state.db", model_path=model, settle_seconds=0, threads=1,
+                  log_level="WARNING")
+    values.update(overrides)
+    return load_settings(None, **values)
+
+
+@dataclass
+class BatchResult:
+    seconds: float
+    loads: dict[str, int]
+    unloads: dict[str, int]
+    load_seconds: float
+    published: int
+
+
+def run_batch(root: Path, model: Path, count: int, **overrides: Any) -> BatchResult:
+    """Drop ``count`` jobs, then process them all with one daemon; models start unloaded."""
+    settings = settings_for(root, model, **overrides)
+    drop_jobs(settings.inbox, count)
+    daemon = Daemon(settings, once=True)
+    daemon.start()
+    try:
+        started = time.perf_counter()
+        while daemon.tick(time.monotonic()):
+            pass
+        seconds = time.perf_counter() - started
+    finally:
+        daemon.shutdown()
+    stats = daemon.cache.stats
+    return BatchResult(seconds, dict(stats.loads), dict(stats.unloads), stats.load_seconds,
+                       len(list(settings.outbox.glob("*.png"))))
+
+
+def model_sizes(root: Path, model: Path) -> dict[str, int]:
+    """Bytes of each tiny model once loaded."""
+    settings = settings_for(root, model)
+    drop_jobs(settings.inbox, 1)
+    daemon = Daemon(settings, once=True)
+    daemon.start()
+    try:
+        while daemon.tick(time.monotonic()):
+            pass
+        return daemon.cache.sizes()
+    finally:
+        daemon.shutdown()

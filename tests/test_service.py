@@ -1,0 +1,240 @@
+"""Running as a service: systemd notifications over a real unix datagram socket, graceful stop
+by signal, and the unit file. The daemon is the real process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from processor.systemd import Notifier, UnitOptions, unit_text
+from tests.daemon import ROOT, Folders, tiny_job
+
+
+class NotifySocket:
+    """What systemd listens on: a unix datagram socket; collects every message sent to it."""
+
+    def __init__(self, abstract: bool = False):
+        self._dir = tempfile.mkdtemp(prefix="qie-notify-")  # short: unix socket paths are limited to 108 bytes
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        if abstract:
+            name = f"qie-test-{os.getpid()}-{time.monotonic_ns()}"
+            self.sock.bind("\0" + name)
+            self.address = "@" + name
+        else:
+            self.address = os.path.join(self._dir, "notify")
+            self.sock.bind(self.address)
+        self.sock.settimeout(0.1)
+        self.messages: list[tuple[float, str]] = []
+        self._running = True
+        self._thread = threading.Thread(target=self._receive, daemon=True)
+        self._thread.start()
+
+    def _receive(self) -> None:
+        while self._running:
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            self.messages.append((time.monotonic(), data.decode()))
+
+    def fields(self) -> list[tuple[float, str]]:
+        """Every ``KEY=value`` line received, in order, with when its message arrived."""
+        return [(at, line) for at, message in list(self.messages) for line in message.split("\n")]
+
+    def first(self, prefix: str) -> int:
+        """Index (in ``fields()``) of the first line starting with ``prefix``, -1 when none."""
+        return next((i for i, (_, line) in enumerate(self.fields()) if line.startswith(prefix)), -1)
+
+    def wait_for(self, predicate, timeout: float = 60, what: str = "a message") -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if predicate():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}; got {[line for _, line in self.fields()]}")
+
+    def close(self) -> None:
+        self._running = False
+        self._thread.join(timeout=2)
+        self.sock.close()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> "NotifySocket":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# sd_notify itself --------------------------------------------------------------------------------
+
+def test_the_notifier_sends_to_a_path_and_to_the_abstract_namespace():
+    for abstract in (False, True):
+        with NotifySocket(abstract=abstract) as listener:
+            notifier = Notifier.from_environment({"NOTIFY_SOCKET": listener.address})
+            notifier.ready("ready: watching /inbox")
+            notifier.stopping()
+            listener.wait_for(lambda: listener.first("STOPPING=1") >= 0, timeout=5)
+            notifier.close()
+        lines = [line for _, line in listener.fields()]
+        assert lines[:2] == ["READY=1", "STATUS=ready: watching /inbox"]
+        assert "STOPPING=1" in lines
+
+
+def test_without_notify_socket_nothing_is_sent_and_nothing_fails():
+    notifier = Notifier.from_environment({})
+    assert not notifier.enabled and notifier.watchdog_interval is None
+    notifier.ready("x")
+    notifier.status("y")
+    notifier.watchdog()
+    notifier.extend_timeout(600)
+    notifier.stopping()
+    assert notifier.seconds_to_next_ping() is None
+
+
+def test_the_watchdog_pings_at_half_the_interval_and_a_long_load_raises_it_until_the_next_ping():
+    now = [100.0]
+    with NotifySocket() as listener:
+        notifier = Notifier(listener.address, watchdog_usec=2_000_000, clock=lambda: now[0])
+        assert notifier.watchdog_interval == 1.0
+        notifier.ready("ready")
+        notifier.watchdog()  # not due yet
+        now[0] += 1.0
+        notifier.watchdog()  # due
+        notifier.extend_timeout(600, "loading the transformer model")
+        now[0] += 0.1
+        notifier.status("job 1 (x): sample step 1/4")  # the load is over: the unit's interval again
+        listener.wait_for(lambda: listener.first("STATUS=job 1") >= 0, timeout=5)
+        notifier.close()
+        lines = [line for _, line in listener.fields()]
+    assert lines == ["READY=1", "STATUS=ready", f"MAINPID={os.getpid()}",
+                     "WATCHDOG=1",
+                     "EXTEND_TIMEOUT_USEC=600000000", "STATUS=loading the transformer model",
+                     "WATCHDOG=1", "WATCHDOG_USEC=600000000",
+                     "STATUS=job 1 (x): sample step 1/4", "WATCHDOG=1", "WATCHDOG_USEC=2000000"]
+
+
+def test_a_watchdog_meant_for_another_process_is_ignored():
+    notifier = Notifier.from_environment({"NOTIFY_SOCKET": "/nonexistent", "WATCHDOG_USEC": "1000000",
+                                          "WATCHDOG_PID": str(os.getpid() + 1)})
+    assert notifier.watchdog_interval is None
+
+
+# The daemon under a (pretend) systemd ------------------------------------------------------------
+
+def test_the_daemon_tells_systemd_ready_status_watchdog_and_stopping(folders: Folders):
+    folders.drop("notify", tiny_job(steps=4))
+    with NotifySocket() as listener:
+        with folders.serve(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000") as daemon:
+            listener.wait_for(lambda: listener.first("READY=1") >= 0, what="READY=1")
+            daemon.wait_for(lambda: (folders.outbox / "notify.png").exists(), what="the output")
+            # Idle now: the loop keeps pinging at half the watchdog interval (0.2 s).
+            idle_from = time.monotonic()
+            time.sleep(1.5)
+            pings = [at for at, line in listener.fields() if line == "WATCHDOG=1" and at >= idle_from]
+            assert daemon.stop() == 0
+        listener.wait_for(lambda: listener.first("STOPPING=1") >= 0, timeout=5, what="STOPPING=1")
+        lines = [line for _, line in listener.fields()]
+
+    ready = lines.index("READY=1")
+    sampling = next(i for i, line in enumerate(lines) if line.startswith("STATUS=job 1 (notify): sample step"))
+    stopping = lines.index("STOPPING=1")
+    assert ready < sampling < stopping
+    assert "STATUS=job 1 (notify): sample step 4/4" in lines
+    # Model loads ask for time first (the tiny model loads quickly, the real one does not).
+    loads = [i for i, line in enumerate(lines) if line.startswith("EXTEND_TIMEOUT_USEC=600000000")]
+    assert loads and ready < loads[0] < stopping
+    assert any(line.startswith("STATUS=idle") for line in lines[sampling:stopping])
+    assert len(pings) >= 5, pings
+    assert max(b - a for a, b in zip(pings, pings[1:])) < 0.4  # never longer than systemd allows
+
+
+def test_sigterm_stops_at_a_step_boundary_and_the_next_start_resumes_with_the_same_bytes(folders: Folders,
+                                                                                         tmp_path, tiny_model):
+    reference = Folders(tmp_path / "reference", tiny_model)
+    reference.drop("edit", tiny_job(seed=5, steps=6))
+    assert reference.run("serve", "--once").returncode == 0
+    expected = (reference.outbox / "edit.png").read_bytes()
+
+    # Preconditions: the job is sampling, held for 3 s just after step 2 was checkpointed.
+    folders.drop("edit", tiny_job(seed=5, steps=6))
+    with NotifySocket() as listener:
+        with folders.serve(QIE_FAULTS="stage.sample.step2=pause:3", NOTIFY_SOCKET=listener.address) as daemon:
+            daemon.wait_for(lambda: folders.db_rows("SELECT step FROM jobs WHERE stage = 'sample' AND step >= 2"),
+                            what="sampling step 2")
+            # Action: SIGTERM, as `systemctl stop` sends.
+            signalled = time.monotonic()
+            daemon.process.send_signal(signal.SIGTERM)
+            code = daemon.wait_exit(timeout=60)
+            took = time.monotonic() - signalled
+        fields = listener.fields()
+        lines = [line for _, line in fields]
+
+    # Postconditions: exit 0 well within the stop timeout, the job queued again (no crash counted)
+    # and its sampling interrupted after step 2; systemd was told and asked for time meanwhile.
+    assert code == 0, daemon.log[-3000:]
+    assert took < 20, took
+    assert folders.db_rows("SELECT state, crashes FROM jobs") == [("queued", 0)]
+    assert ("sample", 0, None, "interrupted") in folders.stage_runs(1)
+    assert folders.db_rows("SELECT kind FROM events WHERE job_id = 1 AND kind = 'released'") == [("released",)]
+    assert not (folders.outbox / "edit.png").exists()
+    # systemd hears of the stop at once, while the step is still in hand (the pause lasts 3 s).
+    stopping = lines.index("STOPPING=1")
+    assert fields[stopping][0] - signalled < 1.5
+    assert lines[stopping + 1].startswith("STATUS=stopping: finishing the current step of job 1 (edit): sample")
+    assert "EXTEND_TIMEOUT_USEC=120000000" in lines[stopping:]
+    assert "stop requested" in daemon.log
+
+    # The next start resumes sampling after step 2 and publishes the same bytes.
+    result = folders.run("serve", "--once")
+    assert result.returncode == 0, result.stderr
+    assert (folders.outbox / "edit.png").read_bytes() == expected
+    assert folders.db_rows("SELECT state, crashes FROM jobs") == [("done", 0)]
+    assert folders.db_rows("SELECT resumed_from_step FROM stage_runs WHERE stage = 'sample' AND error IS NULL") == [(2,)]
+
+
+# The unit file -----------------------------------------------------------------------------------
+
+def test_the_repository_unit_file_is_current():
+    assert (ROOT / "deploy" / "qie-hotfolder.service").read_text() == unit_text(UnitOptions.example()), \
+        "regenerate: python -c 'from processor.systemd import *; print(unit_text(UnitOptions.example()), end=\"\")' " \
+        "> deploy/qie-hotfolder.service"
+
+
+def test_install_service_prints_a_unit_with_this_machines_paths(folders: Folders):
+    (folders.root / "qie-hotfolder.toml").write_text('log_level = "INFO"\n')
+    result = folders.run("install-service", "--print")
+    assert result.returncode == 0, result.stderr
+    unit = result.stdout
+    exec_start = next(line for line in unit.splitlines() if line.startswith("ExecStart="))
+    assert exec_start == (f"ExecStart={sys.executable} {ROOT / 'run.py'} serve "
+                          f"--config {folders.root / 'qie-hotfolder.toml'}")
+    assert f"WorkingDirectory={folders.root}" in unit
+    for expected in ("Type=notify", "WatchdogSec=120s", "Restart=on-failure", "KillMode=mixed", "TimeoutStopSec=120s",
+                     "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
+                     f"Environment=QIE_INBOX={folders.inbox}"):
+        assert expected in unit.splitlines(), expected
+    # The database lives in the folders' parent here, which therefore covers every folder.
+    assert [line for line in unit.splitlines() if line.startswith("ReadWritePaths=")] == [f"ReadWritePaths={folders.root}"]
+    assert "PrivateDevices" not in unit.replace("Do not set PrivateDevices=", "")
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    path = folders.root / "qie-hotfolder.service"
+    path.write_text(unit)
+    verify = subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)
+    if "Failed to" in verify.stderr and "bus" in verify.stderr.lower():
+        pytest.skip(f"systemd-analyze cannot run here: {verify.stderr.strip()}")
+    assert verify.returncode == 0, verify.stderr
