@@ -10,7 +10,7 @@ from pathlib import Path
 from enum import Enum
 from typing import Any, Literal, get_args, get_origin
 
-from config.job import JobFile, StageParameters
+from config.job import JobFile, Preset, StageParameters
 from config.settings import DEFAULT_CONFIG_FILE, Settings
 
 
@@ -135,6 +135,32 @@ def job_file_md() -> str:
     for title, example in EXAMPLES.items():
         JobFile.model_validate(example)  # the examples are checked, not just printed
         lines += [f"### {title}", "", "```json", json.dumps(example, indent=2), "```", ""]
+    preset_example = {"prompt": "Make it a snowy winter day, keep the people unchanged", "image2": "snow-style.jpg",
+                      "output_format": "jpg", "quality": 90}
+    Preset.model_validate(preset_example)
+    lines += [
+        "## Preset folders",
+        "",
+        "A folder in the inbox that holds `preset.json` is a **preset folder**: every image dropped into it "
+        "becomes a job with the preset's values and that image as `image1`. This is the usual hot-folder way: "
+        "make `inbox/make-it-winter/` once, then drop photos into it.",
+        "",
+        "```json",
+        json.dumps(preset_example, indent=2),
+        "```",
+        "",
+        "- `preset.json` takes every key of a job file but `image1` and `output_name`; `image2`/`image3` are "
+        "files in the preset folder, references shared by all its jobs. The preset and its references stay "
+        "in the folder.",
+        "- Each image (`.png .jpg .jpeg .webp .bmp .tif .tiff .gif`) directly in the folder is a job named "
+        "`<preset>/<image name without extension>`. Its outputs go to `outbox/<preset>/`, its originals to "
+        "`archive/<preset>/<id>-<name>/`, a failure to `failed/<preset>/`. Other files are left alone.",
+        "- A sub-folder holding `job.json` is a folder job whose values go over the preset's.",
+        "- A preset that is not valid fails nothing: its images wait in the inbox, the log and "
+        "`python run.py status` show an ALARM naming the file and field, and the images are processed once "
+        "it is fixed. `python run.py check inbox/make-it-winter/preset.json` validates one.",
+        "",
+    ]
     lines += [
         "## What happens to it",
         "",

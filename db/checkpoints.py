@@ -6,6 +6,8 @@ from datetime import datetime
 from typing import Optional
 
 from sqlalchemy import delete, select, update
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db.schema import FINAL_STATES, Checkpoint, Job, StageRun, utcnow
@@ -16,11 +18,23 @@ def lookup(session: Session, fingerprint: str) -> Optional[Checkpoint]:
 
 
 def record(session: Session, fingerprint: str, stage: str, path: str, sha256: str, size: int) -> None:
-    row = session.get(Checkpoint, fingerprint)
-    if row is None:
-        session.add(Checkpoint(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size))
-    else:
-        row.path, row.sha256, row.size, row.last_used_at = path, sha256, size, utcnow()
+    """Insert or update the index row: one statement (``INSERT ... ON CONFLICT DO UPDATE``), so
+    that two workers recording the same checkpoint at once (jobs sharing an encoding) both succeed."""
+    now = utcnow()
+    dialect = session.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        row = session.get(Checkpoint, fingerprint)
+        if row is None:
+            session.add(Checkpoint(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size))
+        else:
+            row.path, row.sha256, row.size, row.last_used_at = path, sha256, size, now
+        return
+    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
+    stmt = insert(Checkpoint).values(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size,
+                                     created_at=now, last_used_at=now)
+    session.execute(stmt.on_conflict_do_update(
+        index_elements=[Checkpoint.fingerprint],
+        set_={"stage": stage, "path": path, "sha256": sha256, "size": size, "last_used_at": now}))
 
 
 def existing(session: Session, fingerprints: list[str]) -> set[str]:

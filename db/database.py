@@ -3,18 +3,28 @@
 A new, empty database is created at the newest schema version. An existing database at an
 older version is refused with the command that upgrades it, so a daemon never runs against a
 schema it does not understand.
+
+SQLite (the default) serves one daemon on one machine. PostgreSQL (``postgresql+psycopg://``)
+serves several processes on several machines with the same schema and migrations; there,
+``Database.exclusive(name)`` is a cluster-wide lock (a PostgreSQL advisory lock) for work that
+exactly one process may do at a time (ingesting the inbox, retention), and creating or
+upgrading the schema is serialised the same way. Connections ask the server to notice a dead
+peer within about a minute (TCP keepalives), so the locks of a machine that lost power are
+released instead of being held for the operating system's default two hours.
 """
 
 from __future__ import annotations
 
+import hashlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from alembic import command
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, event, inspect
+from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +50,20 @@ def create_db_engine(url: str) -> Engine:
         engine = create_engine(url, connect_args={"timeout": 30})
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, pool_pre_ping=True)
+    if engine.dialect.name == "postgresql":
+        event.listen(engine, "connect", _postgresql_session)
+    return engine
+
+
+def _postgresql_session(dbapi_connection, _record) -> None:
+    """Server-side keepalives (about 60 s to notice a dead machine; no effect on unix sockets),
+    committed at once so that they outlive the first transaction."""
+    cursor = dbapi_connection.cursor()
+    cursor.execute("SET tcp_keepalives_idle = 30; SET tcp_keepalives_interval = 10; "
+                   "SET tcp_keepalives_count = 3")
+    cursor.close()
+    dbapi_connection.commit()
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -63,8 +86,34 @@ def current_revision(engine: Engine) -> Optional[str]:
 
 def upgrade(url: str) -> None:
     """Bring the database at ``url`` to the newest schema."""
-    create_db_engine(url).dispose()
-    command.upgrade(alembic_config(url), "head")
+    engine = create_db_engine(url)
+    try:
+        with _schema_lock(engine):
+            command.upgrade(alembic_config(url), "head")
+    finally:
+        engine.dispose()
+
+
+def lock_key(name: str) -> int:
+    """The advisory lock number of a named lock: stable, and unlikely to meet another program's."""
+    return int.from_bytes(hashlib.sha256(f"qie-hotfolder:{name}".encode()).digest()[:8], "big", signed=True)
+
+
+@contextmanager
+def _schema_lock(engine: Engine) -> Iterator[None]:
+    """On PostgreSQL, wait for the cluster-wide schema lock: several workers starting at once
+    against an empty database must not all create the tables."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    with engine.connect() as connection:
+        connection.execute(text("SELECT pg_advisory_lock(:key)"), {"key": lock_key("schema")})
+        connection.commit()
+        try:
+            yield
+        finally:
+            connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": lock_key("schema")})
+            connection.commit()
 
 
 class Database:
@@ -73,8 +122,39 @@ class Database:
     def __init__(self, url: str, create: bool = True):
         self.url = url
         self.engine = create_db_engine(url)
-        self._check_schema(create)
+        with _schema_lock(self.engine):
+            self._check_schema(create)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return self.engine.dialect.name
+
+    @property
+    def shared(self) -> bool:
+        """Whether several processes (on several machines) may use this database at once."""
+        return self.dialect != "sqlite"
+
+    @contextmanager
+    def exclusive(self, name: str) -> Iterator[bool]:
+        """``with db.exclusive("ingest") as mine:`` -- ``mine`` is True for exactly one process of
+        all those sharing the database while the block runs (a PostgreSQL advisory lock, tried,
+        never waited for: the others skip the work). Always True on SQLite, which one daemon
+        holds alone (the folder lock sees to that)."""
+        if not self.shared:
+            yield True
+            return
+        key = lock_key(name)
+        with self.engine.connect() as connection:
+            mine = bool(connection.execute(text("SELECT pg_try_advisory_lock(:key)"), {"key": key}).scalar())
+            connection.commit()
+            try:
+                yield mine
+            finally:
+                if mine:
+                    connection.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": key})
+                    connection.commit()
 
     def _check_schema(self, create: bool) -> None:
         revision = current_revision(self.engine)

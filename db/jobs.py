@@ -5,7 +5,10 @@
                  +----------+  (transient error with attempts left, crash, released at shutdown)
 
 Functions take a session; the caller owns the transaction (``with db.begin() as session``).
-Claiming is one conditional UPDATE that succeeds for exactly one claimer.
+Claiming is one conditional UPDATE that succeeds for exactly one claimer; on PostgreSQL the
+row is taken with ``FOR UPDATE SKIP LOCKED`` inside it, so that concurrent claimers on other
+machines never wait for each other. Every change to a running job is conditional on its
+claimer (``claimed_by``): a worker whose lease was taken over changes nothing.
 """
 
 from __future__ import annotations
@@ -23,13 +26,17 @@ class TransitionError(ValueError):
     """The job is not in a state that allows this change."""
 
 
+def _dialect(session: Session) -> str:
+    return session.get_bind().dialect.name
+
+
 def add_event(session: Session, job_id: Optional[int], kind: str, message: str, level: str = "info") -> None:
     session.add(Event(job_id=job_id, kind=kind, message=message, level=level))
 
 
 def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: dict,
                inputs: list, work_dir: str, priority: int = 0, preset: Optional[str] = None) -> Job:
-    job = Job(name=name, source=source, ingest_key=ingest_key, spec=spec, inputs=inputs,
+    job = Job(name=name[:255], source=source, ingest_key=ingest_key, spec=spec, inputs=inputs,
               work_dir=work_dir, priority=priority, preset=preset, state=JobState.QUEUED.value,
               inbox_cleared=False, attempts=0, crashes=0, cancel_requested=False)
     session.add(job)
@@ -77,10 +84,20 @@ def next_retry_at(session: Session) -> Optional[datetime]:
 
 
 def claim(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime) -> bool:
-    """Take a queued job for one unit of work. True only for the claimer whose UPDATE changed the row."""
+    """Take a queued job for one unit of work. True only for the claimer whose UPDATE changed the row.
+
+    SQLite: ``UPDATE jobs ... WHERE id = :id AND state = 'queued'`` (its writers are serialised).
+    PostgreSQL: ``UPDATE jobs ... WHERE id = (SELECT id FROM jobs WHERE id = :id AND state =
+    'queued' FOR UPDATE SKIP LOCKED) AND state = 'queued'``: a row another claimer is taking is
+    skipped at once instead of waited for, and a row it took is no longer queued.
+    """
+    target = Job.id == job_id
+    if _dialect(session) == "postgresql":
+        target = Job.id == (select(Job.id).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+                            .with_for_update(skip_locked=True).scalar_subquery())
     result = session.execute(
         update(Job)
-        .where(Job.id == job_id, Job.state == JobState.QUEUED.value)
+        .where(target, Job.state == JobState.QUEUED.value)
         .values(state=JobState.RUNNING.value, claimed_by=worker,
                 lease_until=now + timedelta(seconds=lease_seconds),
                 started_at=func.coalesce(Job.started_at, now), updated_at=now))
@@ -98,6 +115,20 @@ def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float
         update(Job).where(Job.id == job_id, Job.claimed_by == worker,
                           Job.state == JobState.RUNNING.value).values(**values))
     return result.rowcount == 1
+
+
+def holds(session: Session, job_id: int, worker: str) -> bool:
+    """Whether ``worker`` still holds the job (it is running and claimed by it)."""
+    stmt = select(Job.id).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
+    return session.scalar(stmt) is not None
+
+
+def unfinished_due(session: Session, now: datetime) -> int:
+    """Jobs still to be worked on now: running, or queued with no retry time in the future."""
+    stmt = select(func.count()).select_from(Job).where(or_(
+        Job.state == JobState.RUNNING.value,
+        (Job.state == JobState.QUEUED.value) & or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now)))
+    return int(session.scalar(stmt) or 0)
 
 
 def cancel_requested(session: Session, job_id: int) -> bool:
@@ -166,12 +197,17 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
 
     Each such job counts a crash; one that reached ``max_crashes`` is failed so that a job which
     kills the process cannot stop the queue. Returns ``(job_id, new_state)`` pairs.
+
+    Several processes may recover at once (PostgreSQL): the rows are read ``FOR UPDATE SKIP
+    LOCKED``, so each abandoned job is recovered (and its crash counted) by one of them, and a
+    worker renewing its lease meanwhile waits for the verdict and then learns it lost the job.
     """
-    stmt = select(Job).where(Job.state == JobState.RUNNING.value)
+    stmt = select(Job).where(Job.state == JobState.RUNNING.value).with_for_update(skip_locked=True)
     changed = []
     for job in session.scalars(stmt):
         expired = job.lease_until is None or job.lease_until < now
-        if not (expired or is_dead(job.claimed_by)):
+        dead = is_dead(job.claimed_by)
+        if not (expired or dead):
             continue
         job.crashes += 1
         where = f"during {job.stage}" + (f" step {job.step}" if job.step else "") if job.stage else "while claimed"
@@ -183,8 +219,9 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
             add_event(session, job.id, "failed", job.error, level="error")
         else:
             job.state = JobState.QUEUED.value
+            how = "stopped" if dead else "lost its lease (no heartbeat)"
             add_event(session, job.id, "recovered",
-                      f"worker {job.claimed_by} stopped {where}; resuming from the last checkpoint",
+                      f"worker {job.claimed_by} {how} {where}; resuming from the last checkpoint",
                       level="warning")
         job.claimed_by = None
         job.lease_until = None
@@ -194,7 +231,7 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
 
 def retry(session: Session, job_id: int) -> Job:
     """A person asks to run a failed or cancelled job again."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise TransitionError(f"no job {job_id}")
     if job.state not in (JobState.FAILED.value, JobState.CANCELLED.value):
@@ -213,7 +250,7 @@ def retry(session: Session, job_id: int) -> Job:
 
 def cancel(session: Session, job_id: int) -> Job:
     """Cancel a queued job at once, or ask a running one to stop at its next step."""
-    job = session.get(Job, job_id)
+    job = session.get(Job, job_id, with_for_update=True)
     if job is None:
         raise TransitionError(f"no job {job_id}")
     if job.state in FINAL_STATES:

@@ -91,6 +91,27 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    from db import DatabaseError
+    from processor.daemon import AlreadyRunning, Daemon
+    from processor.scheduler import claimed_stages
+    try:
+        stages = claimed_stages(args.stages.split(",")) if args.stages else None
+    except ValueError as exc:
+        raise UserError(f"--stages: {exc}") from exc
+    extra = {"watch_mode": "polling"} if args.polling else {}
+    settings = settings_from(args, **extra)
+    setup_logging(settings)
+    try:
+        return Daemon(settings, once=args.once, stages=stages, ingest=args.ingest, drain=True).serve()
+    except DatabaseError as exc:
+        log.error("%s", exc)
+        return 2
+    except (AlreadyRunning, FileNotFoundError) as exc:
+        log.error("%s", exc)
+        return 1
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from processor.submit import submit
     settings = settings_from(args)
@@ -100,24 +121,25 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from processor.report import status_rows, status_table
+    from processor.report import daemon_status, status_rows, status_table
     settings = settings_from(args)
     db = open_db(settings)
     if args.watch:
-        return _watch_status(db, args)
+        return _watch_status(db, args, settings)
     rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
+    daemon = daemon_status(settings.work)
     if args.json:
-        print(json.dumps({"jobs": rows, "alarms": alarms}, indent=2))
+        print(json.dumps({"jobs": rows, "alarms": alarms, "daemon": daemon}, indent=2))
     else:
-        print(status_table(rows, alarms))
+        print(status_table(rows, alarms, daemon))
     return 0
 
 
-def _watch_status(db, args: argparse.Namespace) -> int:
+def _watch_status(db, args: argparse.Namespace, settings: Settings) -> int:
     """``status --watch``: the table again every ``--interval`` seconds until Ctrl-C; on a
     terminal the screen is cleared first (elsewhere, and with ``--json``, one after another)."""
     import time
-    from processor.report import status_rows, status_table
+    from processor.report import daemon_status, status_rows, status_table
     terminal = sys.stdout.isatty() and not args.json
     try:
         while True:
@@ -127,7 +149,8 @@ def _watch_status(db, args: argparse.Namespace) -> int:
             else:
                 heading = (f"qie-hotfolder  {datetime.now():%Y-%m-%d %H:%M:%S}  "
                            f"(every {args.interval:g}s, Ctrl-C to quit)")
-                print(("\x1b[H\x1b[2J" if terminal else "") + heading + "\n\n" + status_table(rows, alarms)
+                print(("\x1b[H\x1b[2J" if terminal else "") + heading + "\n\n"
+                      + status_table(rows, alarms, daemon_status(settings.work))
                       + ("" if terminal else "\n"))
             sys.stdout.flush()
             time.sleep(args.interval)
@@ -282,10 +305,12 @@ def cmd_install_service(args: argparse.Namespace) -> int:
                         "--output FILE or --print") from exc
     ctl = "systemctl --user" if args.user_unit else "sudo systemctl"
     journal = "journalctl --user" if args.user_unit else "journalctl"
+    unit = target.stem  # systemd names a unit after its file
+    install = f"{ctl} link {target.resolve()} && " if args.output else ""
     print(f"wrote {target}\n"
-          f"next:  {ctl} daemon-reload && {ctl} enable --now {args.name}\n"
-          f"log:   {journal} -u {args.name} -f\n"
-          f"state: {ctl.replace('sudo ', '')} status {args.name}   (the STATUS line shows the job, stage and step)")
+          f"next:  {install}{ctl} daemon-reload && {ctl} enable --now {unit}\n"
+          f"log:   {journal} -u {unit} -f\n"
+          f"state: {ctl.replace('sudo ', '')} status {unit}   (the STATUS line shows the job, stage and step)")
     if user == "root":
         print("note: the service runs as root; --run-as USER picks a less privileged account", file=sys.stderr)
     if state is not None and str(state.parent) == os.getcwd():
@@ -332,6 +357,17 @@ def build_parser() -> argparse.ArgumentParser:
     serve = command("serve", cmd_serve, "watch the inbox and process jobs until stopped")
     serve.add_argument("--once", action="store_true", help="process what is in the inbox and queue, then exit")
     serve.add_argument("--polling", action="store_true", help="poll the inbox (network shares) instead of inotify")
+
+    worker = command("worker", cmd_worker, "run stages of jobs from a queue shared through PostgreSQL "
+                     "(docs/scaling.md); it does not watch the inbox unless --ingest")
+    worker.add_argument("--stages", metavar="LIST",
+                        help="comma-separated stages to claim, e.g. encode_text,encode_latent,decode or sample "
+                             "(default: all); prepare goes with the encoders, publishing with decode")
+    worker.add_argument("--ingest", action="store_true", help="also watch the inbox and ingest jobs "
+                        "(with PostgreSQL one daemon at a time scans it)")
+    worker.add_argument("--once", action="store_true",
+                        help="exit when no job is left running or due (every job finished or waiting for a retry)")
+    worker.add_argument("--polling", action="store_true", help="with --ingest: poll the inbox instead of inotify")
 
     submit = command("submit", cmd_submit, "copy a job file and its images into the inbox, atomically")
     submit.add_argument("file", help="job JSON file (its images are found beside it)")

@@ -3,11 +3,19 @@
 Signals only set flags; the loop acts on them. The first SIGTERM/SIGINT stops the running job
 at its next step boundary (its checkpoint is written, the job goes back to the queue) and the
 process exits 0; a second one exits at once, leaving the job to be resumed as after a crash.
+
+The same class is ``run.py worker``: with ``stages`` it claims only units of those stages,
+without ``ingest`` it neither watches nor scans the inbox. With PostgreSQL several daemons
+share one queue and one work folder (docs/scaling.md): the folder lock is then shared (an
+SQLite daemon keeps it exclusive), one of them at a time scans the inbox, each renews the
+lease of the job it runs from a heartbeat thread, and every one of them periodically requeues
+jobs whose claimer died (its process is gone from this host, or its lease expired).
 """
 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -21,6 +29,7 @@ from config import Settings
 from db import Database, jobs, utcnow
 from processor import retention
 from processor.ingest import Ingestor, ScanResult
+from processor.lease import Heartbeat, is_dead
 from processor.logs import job_context, report_progress
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
@@ -37,23 +46,42 @@ class AlreadyRunning(RuntimeError):
 
 
 class FolderLock:
-    """An exclusive lock on the work folder, so two daemons never share one (on one machine)."""
+    """A lock on the work folder. Exclusive with SQLite, so two daemons never share one work
+    folder and database; shared with PostgreSQL, so any number of daemons share the folder (and
+    the queue) but none using SQLite joins them."""
 
     def __init__(self, work: Path):
         self.path = work / ".daemon.lock"
         self._handle = None
+        self.exclusive = False
 
-    def acquire(self) -> None:
+    def acquire(self, shared: bool = False) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         handle = open(self.path, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(handle, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             holder = handle.read().strip() or "unknown"
             handle.close()
+            if shared:
+                raise AlreadyRunning(f"a qie-hotfolder daemon using SQLite ({holder}) holds {self.path.parent}; "
+                                     "several daemons share a work folder only through PostgreSQL") from None
             raise AlreadyRunning(f"another qie-hotfolder daemon ({holder}) is using {self.path.parent}; "
-                                 "stop it first, or give this one its own work folder and database") from None
+                                 "stop it first, or give this one its own work folder and database "
+                                 "(several daemons share one only through PostgreSQL)") from None
+        except OSError as exc:
+            handle.close()
+            if not shared:
+                raise
+            # A network share without lock support: the shared lock only guards against an
+            # SQLite daemon joining by mistake, so go on without it.
+            log.warning("cannot lock %s (%s); going on without the folder lock", self.path, exc)
+            return
+        if shared:
+            self._handle = handle
+            return
+        self.exclusive = True
         handle.seek(0)
         handle.truncate()
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
@@ -65,6 +93,14 @@ class FolderLock:
             fcntl.flock(self._handle, fcntl.LOCK_UN)
             self._handle.close()
             self._handle = None
+            self.exclusive = False
+
+
+def write_status_file(path: Path, status: dict) -> None:
+    """Replace the status file (not fsynced: it is rewritten every second and only informs)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(status, indent=2))
+    os.replace(tmp, path)
 
 
 def ensure_tiny_model(settings: Settings) -> None:
@@ -80,10 +116,17 @@ def ensure_tiny_model(settings: Settings) -> None:
 
 
 class Daemon:
-    def __init__(self, settings: Settings, once: bool = False):
+    def __init__(self, settings: Settings, once: bool = False, stages: Optional[set[str]] = None,
+                 ingest: bool = True, drain: bool = False):
         self.settings = settings
         self.once = once
-        self.worker = f"{socket.gethostname()}:{os.getpid()}"
+        self.stages = stages  # None: every stage
+        self.ingest = ingest  # watch and scan the inbox
+        self.drain = drain  # with ``once``: exit only when no job is left to work on (workers)
+        self.host = socket.gethostname()
+        self.worker = f"{self.host}:{os.getpid()}"
+        self.heartbeat: Optional[Heartbeat] = None
+        self._next_recovery = 0.0
         self.stop = threading.Event()
         self.wake = threading.Event()
         self.lock = FolderLock(settings.work)
@@ -96,6 +139,7 @@ class Daemon:
         self._next_scan = 0.0
         self._inbox_alarm = False
         self._signals = 0
+        self._status_written = 0.0
         self._stop_announced = False
         self._stop_lock = threading.Lock()
         self._doing: Optional[str] = None  # the last progress report, None when idle
@@ -108,29 +152,42 @@ class Daemon:
             if folder == self.settings.inbox and not folder.parent.is_dir():
                 raise FileNotFoundError(f"the inbox's parent folder {folder.parent} does not exist")
             folder.mkdir(parents=True, exist_ok=True)
-        self.lock.acquire()
+        self.lock.acquire(shared=not self.settings.url.startswith("sqlite"))
         self.db = Database(self.settings.url)
         self.ingestor = Ingestor(self.settings, self.db)
         self.runner = JobRunner(self.settings, self.db, self.engine, self.worker, self.stop, self._progress)
-        self.scheduler = Scheduler(self.settings, self.db, self.worker, self.runner, self.cache.loaded)
+        self.heartbeat = Heartbeat(self.db, self.worker, self.settings.lease_seconds,
+                                   stall_seconds=max(self.settings.model_load_timeout, self.settings.lease_seconds))
+        self.runner.lease_lost = self.heartbeat.lost.is_set
+        self.scheduler = Scheduler(self.settings, self.db, self.worker, self.runner, self.cache.loaded,
+                                   stages=self.stages)
+        if self.stages is not None and not self.db.shared:
+            log.warning("a worker for some stages with SQLite: no other process can run the other stages "
+                        "(several workers need PostgreSQL, see docs/scaling.md)")
         self._recover()
-        if not self.once:
+        self._next_recovery = time.monotonic() + self.recovery_interval
+        if self.ingest and not self.once:
             mode = choose_mode(self.settings.watch_mode, self.settings.inbox)
             self._watcher = InboxWatcher(self.settings.inbox, mode, self.settings.poll_interval, self.wake,
                                          on_complete=self.ingestor.tracker.saw_close)
             self._watcher.start()
-        log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s", self.settings.inbox,
-                 self.settings.outbox, self.settings.engine, self.worker)
+        log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
+                 self.settings.outbox, self.settings.engine, self.worker,
+                 ",".join(sorted(self.stages)) if self.stages is not None else "all",
+                 "" if self.ingest else " (not ingesting)")
 
     def _recover(self) -> None:
-        host = socket.gethostname()
-        # The folder lock is ours, so any job this host still shows as running lost its process.
+        """Requeue jobs whose claimer died: at start-up, then every ``recovery_interval`` seconds
+        (another machine may die at any time; its jobs come back when their leases expire)."""
+        exclusive = self.lock.exclusive
         with self.db.begin() as session:
-            changed = jobs.recover_abandoned(session, utcnow(), lambda worker: (worker or "").split(":")[0] == host,
+            changed = jobs.recover_abandoned(session, utcnow(),
+                                             lambda claimer: is_dead(claimer, self.worker, self.host, exclusive),
                                              self.settings.max_crashes)
         for job_id, state in changed:
             with job_context(job_id, "recover"):
-                log.warning("job %d was running when the daemon stopped; now %s", job_id, state)
+                log.warning("job %d was running in a worker that stopped (or stopped renewing its lease); now %s",
+                            job_id, state)
 
     def engine(self):
         """The engine, created (and its models found) on first use."""
@@ -148,15 +205,21 @@ class Daemon:
     def serve(self) -> int:
         self._install_signal_handlers()
         self.start()
-        self.notifier.ready(f"ready: watching {self.settings.inbox}")
+        self.notifier.ready(f"ready: watching {self.settings.inbox}" if self.ingest else
+                            f"ready: worker for {','.join(sorted(self.stages)) if self.stages else 'every stage'}")
         threading.Thread(target=self._announce_stop_when_asked, name="qie-stop-notice", daemon=True).start()
         try:
             while not self.stop.is_set():
-                busy = self.tick(time.monotonic())
+                try:
+                    busy = self.tick(time.monotonic())
+                except Exception:  # noqa: BLE001 - the loop's edge: log, pause, go on serving
+                    log.exception("unexpected error in the daemon loop; continuing in a second")
+                    self.stop.wait(1.0)
+                    busy = False
                 self.notifier.watchdog()
-                if not busy and not self.stop.is_set():
-                    self._maybe_collect(time.monotonic())
-                if self.once and not busy and not self._settling():
+                if not self.stop.is_set():
+                    self._maybe_collect(time.monotonic())  # between units: nothing of ours is running
+                if self.once and not busy and not self._settling() and not self._work_left():
                     break
                 if not busy:
                     self._idle_status()
@@ -168,18 +231,41 @@ class Daemon:
 
     def tick(self, now: float) -> bool:
         """One round: scan when due, then run one unit of work. True when one ran."""
-        if self.wake.is_set() or now >= self._next_scan or self.ingestor.waiting:
+        if self.ingest and (self.wake.is_set() or now >= self._next_scan or self.ingestor.waiting):
             self.wake.clear()
             self._next_scan = now + self.settings.rescan_interval
-            self._after_scan(self.ingestor.scan(now))
+            # One daemon at a time scans (PostgreSQL: an advisory lock); the others skip and
+            # look again after ``poll_interval``.
+            with self.db.exclusive("ingest") as mine:
+                if mine:
+                    self._after_scan(self.ingestor.scan(now))
+                else:
+                    self._next_scan = now + self.settings.poll_interval
+        if now >= self._next_recovery:
+            self._next_recovery = now + self.recovery_interval
+            self._recover()
         if self.stop.is_set():
             return False
         unit = self.scheduler.claim_next(utcnow())
         if unit is None:
             return False
         with job_context(unit.job.id, unit.stage):  # every log line of the unit names its job and stage
-            self.runner.run_unit(unit)
+            with self.heartbeat.holding(unit.job.id):
+                self.runner.run_unit(unit)
+        self._write_status()
         return True
+
+    def _write_status(self, force: bool = False) -> None:
+        """``work/status.json``: what this daemon does and holds, for ``run.py status`` (at most 1/s)."""
+        now = time.monotonic()
+        if not force and now - self._status_written < 1.0:
+            return
+        self._status_written = now
+        status = {"worker": self.worker, "pid": os.getpid(), "updated_at": utcnow().isoformat() + "Z",
+                  "doing": self._doing, "scheduling": self.settings.scheduling,
+                  "models_loaded": {} if self._doing == "stopped" else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
+                  "model_cache": self.cache.stats.as_dict()}
+        write_status_file(self.settings.work / "status.json", status)
 
     def _after_scan(self, result: ScanResult) -> None:
         if result.inbox_missing:
@@ -199,6 +285,21 @@ class Daemon:
             if self._watcher is not None:
                 self._watcher.restart()
 
+    @property
+    def recovery_interval(self) -> float:
+        """Seconds between two looks for abandoned jobs: half a lease, at most a minute."""
+        return min(max(self.settings.lease_seconds / 2, 0.5), 60.0)
+
+    def _work_left(self) -> bool:
+        """``--once`` of a worker (``drain``): jobs are still running or due (perhaps in other
+        workers' stages, which will hand them on to ours). Always: a retry is scheduled."""
+        if self.scheduler.next_retry() is not None:
+            return True
+        if not self.drain:
+            return False
+        with self.db.begin() as session:
+            return jobs.unfinished_due(session, utcnow()) > 0
+
     def _settling(self) -> bool:
         """Candidates that will become ready by waiting (not those waiting for a missing file)."""
         return any(not w.missing for w in self.ingestor.waiting.values())
@@ -208,8 +309,10 @@ class Daemon:
         if self.ingestor.waiting:
             settle = min(self.settings.settle_seconds, self.settings.settle_after_close)
             timeout = min(timeout, max(settle / 2, 0.05))
-        if self._inbox_alarm:
+        if self._inbox_alarm or self.db.shared or not self.ingest:
+            # Other processes change the queue too (or nothing here wakes this one): poll it.
             timeout = min(timeout, self.settings.poll_interval)
+        timeout = min(timeout, max(self._next_recovery - time.monotonic(), 0.05))
         retry = self.scheduler.next_retry()
         if retry is not None:
             timeout = min(timeout, max((retry - utcnow()).total_seconds(), 0.05))
@@ -220,6 +323,8 @@ class Daemon:
         ping too), and the log or the terminal's progress bar. While draining after a stop, each
         report asks systemd for ``stop_timeout`` more."""
         self._doing = text
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
         if self.stop.is_set():
             self._announce_stop()
             self.notifier.extend_timeout(self.settings.stop_timeout)
@@ -230,10 +335,13 @@ class Daemon:
     def _on_model_load(self, role: str) -> None:
         """A model load reports no progress for minutes: ask systemd for the time first."""
         log.info("loading the %s model", role)
+        if self.heartbeat is not None:
+            self.heartbeat.beat()
         self.notifier.extend_timeout(self.settings.model_load_timeout, f"loading the {role} model")
 
     def _idle_status(self) -> None:
         self._doing = None
+        self._write_status()
         waiting = len(self.ingestor.waiting)
         self.notifier.status(f"idle: watching {self.settings.inbox}"
                              + (f"; {waiting} job(s) in the inbox not ready yet" if waiting else ""))
@@ -245,12 +353,15 @@ class Daemon:
         return max(min(timeout, ping), 0.01) if ping is not None else timeout
 
     def _maybe_collect(self, now: float) -> None:
-        """Retention, every ``gc_interval`` seconds (first when the daemon is first idle)."""
+        """Retention, every ``gc_interval`` seconds (first right after start-up)."""
         if not self.settings.gc_interval or now < self._next_gc:
             return
         self._next_gc = now + self.settings.gc_interval
         try:
-            report = retention.collect(self.settings, self.db, utcnow())
+            with self.db.exclusive("retention") as mine:  # one daemon at a time cleans a shared work folder
+                if not mine:
+                    return
+                report = retention.collect(self.settings, self.db, utcnow())
         except Exception:  # noqa: BLE001 - a failed clean-up must not stop the daemon
             log.exception("clean-up failed; next try in %.0fs", self.settings.gc_interval)
             return
@@ -297,6 +408,8 @@ class Daemon:
         if self._watcher is not None:
             self._watcher.stop()
         if self.db is not None:
+            self._doing = "stopped"
+            self._write_status(force=True)
             self.db.close()
         self.lock.release()
         self.notifier.close()

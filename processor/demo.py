@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
 from pathlib import Path
 
 from PIL import Image, ImageDraw
@@ -52,10 +53,10 @@ def run_demo(folder: Path) -> int:
     logging.shutdown()
     if not outputs:
         print(f"the demo job did not produce an image; see {settings.failed} and "
-              f"python run.py status --state {settings.state}")
+              f"cd {folder} && python {Path(sys.argv[0]).resolve()} status")
         return 1
     image = outputs[-1]
     print(f"\nresult: {image}\nmanifest: {image.with_suffix('.json')}\n"
-          f"status: python run.py status --state {settings.state}\n"
+          f"status: cd {folder} && python {Path(sys.argv[0]).resolve()} status\n"
           "(the built-in tiny model is random: the image is noise; it shows the whole path works)")
     return 0

@@ -67,15 +67,23 @@ class Candidate:
         """The default output name: the job's name without its preset."""
         return self.name.rpartition("/")[2]
 
-    def owned_files(self, images: Iterable[Path] = ()) -> list[Path]:
+    def owned_files(self, images: Iterable[Path] = (), links: bool = False) -> list[Path]:
         """Every file that belongs to this job (and leaves the inbox with it): the whole folder,
-        the file and its images, or the image dropped into a preset folder."""
+        the file and its images, or the image dropped into a preset folder. Symbolic links are
+        never ingested (their target may lie anywhere); ``links`` includes them as links, for
+        moving a rejected job out of the inbox whole."""
         if self.image is not None:
             return [self.image]
         if self.is_folder:
             return sorted(p for p in self.folder.rglob("*")
-                          if p.is_file() and not p.is_symlink() and not _hidden_below(p, self.folder))
+                          if (p.is_symlink() and links or p.is_file() and not p.is_symlink())
+                          and not _hidden_below(p, self.folder))
         return [self.job_file, *images]
+
+
+def readable(name: str) -> str:
+    """A file name as text: bytes that are not UTF-8 become U+FFFD (names, sources, outputs)."""
+    return os.fsencode(name).decode("utf-8", "replace")
 
 
 def _hidden_below(path: Path, top: Path) -> bool:
@@ -90,12 +98,12 @@ def find_candidates(inbox: Path) -> list[Candidate]:
             continue
         path = Path(entry.path)
         if entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(".json"):
-            found.append(Candidate(path.stem, path, inbox, entry.name, False))
+            found.append(Candidate(readable(path.stem), path, inbox, readable(entry.name), False))
         elif entry.is_dir(follow_symlinks=False) and (path / PRESET_FILE).is_file():
             found += preset_candidates(path)
         elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
-            found.append(Candidate(entry.name, path / FOLDER_JOB_FILE, path,
-                                   f"{entry.name}/{FOLDER_JOB_FILE}", True))
+            found.append(Candidate(readable(entry.name), path / FOLDER_JOB_FILE, path,
+                                   f"{readable(entry.name)}/{FOLDER_JOB_FILE}", True))
     return found
 
 
@@ -106,7 +114,7 @@ def is_image_name(name: str) -> bool:
 def preset_candidates(folder: Path) -> list[Candidate]:
     """The jobs in a preset folder: its images (but the preset's own references) and its
     sub-folders holding ``job.json``."""
-    preset = folder.name
+    preset = readable(folder.name)
     shared = preset_references(folder / PRESET_FILE)
     found = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
@@ -114,11 +122,11 @@ def preset_candidates(folder: Path) -> list[Candidate]:
             continue
         path = Path(entry.path)
         if entry.is_file(follow_symlinks=False) and is_image_name(entry.name):
-            found.append(Candidate(f"{preset}/{path.stem}", folder / PRESET_FILE, folder,
-                                   f"{preset}/{entry.name}", False, preset=preset, image=path))
+            found.append(Candidate(f"{preset}/{readable(path.stem)}", folder / PRESET_FILE, folder,
+                                   f"{preset}/{readable(entry.name)}", False, preset=preset, image=path))
         elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
-            found.append(Candidate(f"{preset}/{entry.name}", path / FOLDER_JOB_FILE, path,
-                                   f"{preset}/{entry.name}/{FOLDER_JOB_FILE}", True, preset=preset))
+            found.append(Candidate(f"{preset}/{readable(entry.name)}", path / FOLDER_JOB_FILE, path,
+                                   f"{preset}/{readable(entry.name)}/{FOLDER_JOB_FILE}", True, preset=preset))
     return found
 
 

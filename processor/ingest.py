@@ -88,9 +88,16 @@ class Ingestor:
                 result.failed.append(candidate.source)
                 continue
             except OSError as exc:
-                # The inbox vanished mid-scan or a file is unreadable: try again later.
-                waiting.reason = f"cannot read: {exc}"
+                # The inbox vanished mid-scan, a file is unreadable, the work disk is full: the
+                # files stay where they are and the next scan tries again.
+                waiting.reason = f"cannot ingest yet: {exc}"
                 log.warning("%s: %s", candidate.source, waiting.reason)
+                result.waiting[candidate.source] = waiting.reason
+                continue
+            except Exception as exc:  # noqa: BLE001 - a fault of ours must not stop the other drops
+                waiting.reason = f"unexpected error, left in the inbox: {type(exc).__name__}: {exc}"
+                if waiting.reason != previous_reason:
+                    log.exception("%s: %s", candidate.source, waiting.reason)
                 result.waiting[candidate.source] = waiting.reason
                 continue
             if job_id is None:
@@ -286,11 +293,11 @@ class Ingestor:
                     path = resolve_inside(candidate.folder, rel, candidate.source, key)
                 except JobFileError:
                     continue
-                if path.is_file() and not path.is_symlink():
-                    images.append(path)
+                if path.is_file() or path.is_symlink():
+                    images.append(path)  # a link moves as a link: its target is not touched
         except (JobFileError, OSError):
             pass
-        files = candidate.owned_files(images)
+        files = candidate.owned_files(images, links=True)
         publish.report_rejected(self.settings, candidate.name, candidate.folder, files,
                                 source=candidate.source, error=str(error), field=error.field)
         if candidate.is_folder:
@@ -329,9 +336,9 @@ def getattr_str(path: Path, folder: Path) -> str:
 
 def ingest_key(candidate: Candidate, files: list[Path]) -> str:
     """Identity of one drop: where it came from and the bytes of every file it owns."""
-    digest = hashlib.sha256(candidate.source.encode())
+    digest = hashlib.sha256(os.fsencode(candidate.source))
     for path in files:
-        digest.update(path.relative_to(candidate.folder).as_posix().encode() + b"\0")
+        digest.update(os.fsencode(path.relative_to(candidate.folder).as_posix()) + b"\0")
         digest.update(file_sha256(path).encode())
     return digest.hexdigest()
 

@@ -73,12 +73,15 @@ def publish(outbox: Path, name: str, image: bytes, output_format: str, manifest:
     """Write image then manifest into the outbox under the reserved ``name``."""
     outbox.mkdir(parents=True, exist_ok=True)
     image_path = outbox / f"{name}{EXTENSIONS[output_format]}"
-    write_atomic(image_path, image)
+    manifest_path = outbox / f"{name}.json"
+    # The name is reserved for this job, so nobody else writes it: a fixed temporary name means
+    # that a publish repeated after a crash replaces the leftover of the first attempt.
+    fault_point("publish.write")
+    write_atomic(image_path, image, before_rename=lambda: fault_point("publish.rename"), shared=False)
     fault_point("publish.image")
     manifest = {**manifest, "output": {**manifest.get("output", {}), "file": image_path.name,
                                        "sha256": sha256_bytes(image), "bytes": len(image)}}
-    manifest_path = outbox / f"{name}.json"
-    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode())
+    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode(), shared=False)
     fault_point("publish.manifest")
     return {"image": str(image_path), "manifest": str(manifest_path), "sha256": sha256_bytes(image)}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from datetime import timedelta
@@ -52,8 +53,28 @@ def status_rows(db: Database, include_finished: bool = True, limit: int = 50) ->
     return rows, alarms
 
 
-def status_table(rows: list[dict], alarms: list[dict]) -> str:
+def daemon_status(work) -> Optional[dict[str, Any]]:
+    """What the daemon last wrote to ``work/status.json`` (None when it never ran here)."""
+    try:
+        return json.loads((work / "status.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def daemon_line(daemon: dict[str, Any]) -> str:
+    cache = daemon.get("model_cache") or {}
+    loaded = ", ".join(f"{role} {size / 1e6:.0f} MB" for role, size in (daemon.get("models_loaded") or {}).items())
+    loads = ", ".join(f"{role} {n}" for role, n in (cache.get("loads") or {}).items()) or "none"
+    unloads = ", ".join(f"{role} {n}" for role, n in (cache.get("unloads") or {}).items()) or "none"
+    return (f"daemon {daemon.get('worker')} ({daemon.get('updated_at', '')[:19]}): {daemon.get('doing') or 'idle'}\n"
+            f"models loaded: {loaded or 'none'}; loads: {loads}; unloads: {unloads}; "
+            f"loading took {cache.get('load_seconds', 0):.1f} s")
+
+
+def status_table(rows: list[dict], alarms: list[dict], daemon: Optional[dict[str, Any]] = None) -> str:
     lines = [f"ALARM {a['at']}: {a['message']}" for a in alarms]
+    if daemon:
+        lines.append(daemon_line(daemon))
     if not rows:
         return "\n".join(lines + ["no jobs yet"])
     header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "DETAIL")

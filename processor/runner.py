@@ -28,6 +28,7 @@ from db import Database, Job, checkpoints, jobs, utcnow
 from processor import publish
 from processor.faults import fault_point
 from processor.inbox import remove_empty_dirs
+from processor.logs import job_context
 from stages import (BY_NAME, STAGE_NAMES, JobInputs, SampleResume, StageContext, StageInterrupted, classify,
                     compute, fingerprint_chain)
 from stages import checkpoint as ckpt
@@ -96,6 +97,7 @@ class JobRunner:
         self.worker = worker
         self.stop = stop
         self.progress = progress or (lambda _text: None)
+        self.lease_lost: Callable[[], bool] = lambda: False  # the daemon's heartbeat found the job taken over
         self.cache_dir = settings.work / "cache"
         self._cancel_checked = 0.0
         self._plans: dict[int, JobPlan] = {}
@@ -123,7 +125,12 @@ class JobRunner:
                            image_paths=tuple((i["key"], originals / i["name"]) for i in _images(job)))
         engine = self.engine
         identities = engine.model_identities(params)
-        engine_id = f"{engine.name} {engine.version()} on {engine.device_name()}"
+        engine_id = f"{engine.name} {engine.version()}"
+        if not self.db.shared:
+            # One machine: its device is part of the identity. Several (PostgreSQL): checkpoints
+            # are exchanged between cards, so every worker must derive the same fingerprints from
+            # engine, version, model files and dtype alone (docs/scaling.md).
+            engine_id += f" on {engine.device_name()}"
         plan = JobPlan(job.id, params, ctx, identities, fingerprint_chain(inputs, params, engine_id, identities),
                        engine_id)
         self._plans[job.id] = plan
@@ -185,6 +192,7 @@ class JobRunner:
                 with self.db.begin() as session:
                     jobs.release_between_stages(session, job.id, self.worker)
                 return "queued"
+        self._check_lease(job)  # a worker that lost its job must not publish it too
         result = self._publish(job, plan, decoded["image"])
         with self.db.begin() as session:
             jobs.mark_done(session, job.id, self.worker, result)
@@ -195,11 +203,13 @@ class JobRunner:
         """A stage's payload: from memory, from its verified checkpoint, or computed again."""
         fingerprint = plan.chain[name]
         payload = self._memo.get(fingerprint)
-        if payload is None:
+        if payload is not None:
+            return payload
+        with job_context(job.id, name):
             payload = self._load_checkpoint(name, fingerprint, job)
-        if payload is None:
-            inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[name].reads}
-            payload = self._compute(name, job, plan, inputs)
+            if payload is None:
+                inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[name].reads}
+                payload = self._compute(name, job, plan, inputs)
         return payload
 
     def _load_checkpoint(self, name: str, fingerprint: str, job: Job) -> Any:
@@ -235,6 +245,7 @@ class JobRunner:
             run_id = checkpoints.start_run(session, job.id, name, fingerprint, self.engine.device_name(),
                                            self.worker, resume.step if resume else None)
         fault_point(f"stage.{name}")
+        fault_point(f"job.{job.name}.stage.{name}")
         started = time.perf_counter()
         on_step = self._step_recorder(job, fingerprint, steps_total) if name == "sample" else None
         try:
@@ -262,7 +273,9 @@ class JobRunner:
         """Write a checkpoint file; the caller records it in the index."""
         path = self.cache_dir / name / f"{fingerprint}.safetensors"
         try:
-            sha = ckpt.save(path, payload, {"qie.stage": name, "qie.fingerprint": fingerprint})
+            fault_point("checkpoint.write")
+            sha = ckpt.save(path, payload, {"qie.stage": name, "qie.fingerprint": fingerprint},
+                            before_rename=lambda: fault_point("checkpoint.rename"))
         except OSError as exc:
             raise RetryableError(f"cannot write the {name} checkpoint {path}: {exc}") from exc
         fault_point("checkpoint.written")
@@ -327,7 +340,7 @@ class JobRunner:
 
     def _should_stop(self, job: Job) -> bool:
         """A shutdown was asked for, or (looked up at most once a second) a cancel."""
-        if self.stop.is_set():
+        if self.stop.is_set() or self.lease_lost():
             return True
         now = time.monotonic()
         if now - self._cancel_checked < 1.0:
@@ -336,7 +349,24 @@ class JobRunner:
         with self.db.begin() as session:
             return jobs.cancel_requested(session, job.id)
 
+    def _check_lease(self, job: Job) -> None:
+        """Renew the lease now; JobStopped when the job is no longer ours."""
+        with self.db.begin() as session:
+            ours = jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow())
+        if not ours:
+            raise JobStopped("lease lost")
+
+    def _lost(self, job: Job) -> bool:
+        """Whether another worker took the job over (our lease expired); then it is theirs to finish."""
+        with self.db.begin() as session:
+            if jobs.holds(session, job.id, self.worker):
+                return False
+        log.warning("job %d: lease lost (another worker took it over); leaving it to them", job.id)
+        return True
+
     def _stopped(self, job: Job) -> str:
+        if self._lost(job):
+            return "lost"
         with self.db.begin() as session:
             if jobs.cancel_requested(session, job.id):
                 jobs.mark_cancelled(session, job.id, self.worker)
@@ -348,6 +378,8 @@ class JobRunner:
     # Failure ---------------------------------------------------------------------------------------
 
     def _failed(self, job: Job, exc: Exception) -> str:
+        if self._lost(job):
+            return "lost"
         kind = classify(exc)
         message = str(exc) or type(exc).__name__
         with self.db.begin() as session:

@@ -7,7 +7,11 @@ cannot hold every model this replaces two model swaps per job by two per batch. 
 finishes one job before starting the next (for comparison). In both, higher priority goes
 first, and a job waiting longer than ``max_wait`` goes before everything else, so a lone job is
 never starved. Claiming is the database's conditional UPDATE: a unit whose job another worker
-took in the meantime is skipped.
+took in the meantime is skipped. With several workers (PostgreSQL) a unit is checked again once
+claimed: if another worker ran that stage since the queue was read, the job is given back.
+
+A worker for some stages (``run.py worker --stages``) claims only their units; ``prepare``
+goes with the encoders that read it, ``publish`` with ``decode`` (``claimed_stages``).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Callable, Iterable, Optional
 from config import Settings
 from db import Database, checkpoints, jobs
 from processor.runner import PUBLISH, JobRunner, Unit
+from stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +32,23 @@ log = logging.getLogger(__name__)
 # text encoder and keeps the VAE for decode.
 STAGE_ORDER = {name: index for index, name in enumerate(
     ("prepare", "encode_text", "encode_latent", "sample", "decode", PUBLISH))}
+
+
+def claimed_stages(names: Iterable[str]) -> set[str]:
+    """The units a worker for the stages ``names`` claims: those stages, ``prepare`` with either
+    encoder (it needs no model and only they read it), ``publish`` with ``decode`` (the unit
+    that publishes a job whose decode checkpoint exists). ValueError naming a wrong name."""
+    wanted = {name.strip() for name in names if name.strip()}
+    unknown = sorted(wanted - set(STAGE_NAMES))
+    if unknown:
+        raise ValueError(f"unknown stage {', '.join(unknown)}; the stages are {', '.join(STAGE_NAMES)}")
+    if not wanted:
+        raise ValueError(f"no stage given; the stages are {', '.join(STAGE_NAMES)}")
+    if wanted & {"encode_latent", "encode_text"}:
+        wanted.add("prepare")
+    if "decode" in wanted:
+        wanted.add(PUBLISH)
+    return wanted
 
 
 class Scheduler:
@@ -90,10 +112,26 @@ class Scheduler:
         """Claim and return the next unit to run, or None when nothing is due."""
         for unit in self.order(self.ready_units(now), now):
             with self.db.begin() as session:
-                if jobs.claim(session, unit.job.id, self.worker, self.settings.lease_seconds, now):
-                    self.last_stage, self.last_job = unit.stage, unit.job.id
-                    return unit
+                if not jobs.claim(session, unit.job.id, self.worker, self.settings.lease_seconds, now):
+                    continue
+            if self.db.shared and not self._still_due(unit):
+                with self.db.begin() as session:
+                    jobs.release_between_stages(session, unit.job.id, self.worker)
+                continue
+            self.last_stage, self.last_job = unit.stage, unit.job.id
+            return unit
         return None
+
+    def _still_due(self, unit: Unit) -> bool:
+        """Whether a claimed unit still has to run: another worker may have run the stage between
+        reading the queue and the claim (its checkpoint is recorded before the job is released,
+        so a claim that succeeds sees it)."""
+        if unit.error is not None or unit.stage == PUBLISH:
+            return True
+        plan = self.runner.plan(unit.job)
+        with self.db.begin() as session:
+            recorded = checkpoints.existing(session, list(plan.chain.values()))
+        return unit.stage in self.runner.next_stages(plan, recorded)
 
     def next_retry(self) -> Optional[datetime]:
         with self.db.begin() as session:

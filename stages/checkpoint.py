@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from safetensors import SafetensorError
@@ -103,15 +103,22 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+def write_atomic(path: Path, data: bytes, before_rename: Optional[Callable[[], None]] = None,
+                 shared: bool = True) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one.
+
+    ``shared``: other processes may write the same path at once, so the temporary name is made
+    unique; otherwise it is ``.<name>.tmp``, and a retry after a crash overwrites its leftover.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp" if shared else f".{path.name}.tmp")
     try:
         with open(tmp, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -127,10 +134,11 @@ def fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
-def save(path: Path, payload: Payload, metadata: Optional[dict[str, str]] = None) -> str:
+def save(path: Path, payload: Payload, metadata: Optional[dict[str, str]] = None,
+         before_rename: Optional[Callable[[], None]] = None) -> str:
     """Write a payload checkpoint atomically; return its sha256."""
     data = encode(payload, metadata)
-    write_atomic(path, data)
+    write_atomic(path, data, before_rename)
     return sha256_bytes(data)
 
 

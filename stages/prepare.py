@@ -49,7 +49,8 @@ def load_image(path: Path, label: str, max_pixels: int) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise ImageError(f"{label} ({path.name}): refused as a decompression bomb ({exc})") from exc
+        raise ImageError(f"{label} ({path.name}): refused as a decompression bomb, more than "
+                         f"max_image_pixels={max_pixels} ({exc})") from exc
     except UnidentifiedImageError as exc:
         raise ImageError(f"{label} ({path.name}): not an image Pillow can read") from exc
     except (OSError, SyntaxError, ValueError) as exc:

@@ -91,6 +91,10 @@ class Folders:
     def serve(self, *args: str, **env: str) -> "DaemonProcess":
         return DaemonProcess(self, list(args), env)
 
+    def worker(self, *args: str, **env: str) -> "DaemonProcess":
+        """``run.py worker ARGS`` (e.g. ``--stages sample``) in a child process."""
+        return DaemonProcess(self, list(args), env, command="worker")
+
     def db_rows(self, sql: str, params: tuple = ()) -> list[tuple]:
         if not self.state.exists():
             return []
@@ -109,13 +113,14 @@ class Folders:
 
 
 class DaemonProcess:
-    """``run.py serve`` in a child process; its log is kept for assertions and failures."""
+    """``run.py serve`` (or ``command``, e.g. ``worker``) in a child process; its log is kept for
+    assertions and failures."""
 
-    def __init__(self, folders: Folders, args: list[str], env: dict[str, str]):
+    def __init__(self, folders: Folders, args: list[str], env: dict[str, str], command: str = "serve"):
         self.folders = folders
         self.log_path = folders.root / f"daemon-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "w")
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), "serve", *args],
+        self.process = subprocess.Popen([sys.executable, str(ROOT / "run.py"), command, *args],
                                         env=folders.env(**env), cwd=folders.root, stdout=self._log,
                                         stderr=subprocess.STDOUT)
 

@@ -12,7 +12,6 @@ import sys
 import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
@@ -137,10 +136,10 @@ def test_a_watchdog_meant_for_another_process_is_ignored():
 def test_the_daemon_tells_systemd_ready_status_watchdog_and_stopping(folders: Folders):
     folders.drop("notify", tiny_job(steps=4))
     with NotifySocket() as listener:
-        with folders.serve(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="400000") as daemon:
+        with folders.serve(NOTIFY_SOCKET=listener.address, WATCHDOG_USEC="600000") as daemon:
             listener.wait_for(lambda: listener.first("READY=1") >= 0, what="READY=1")
             daemon.wait_for(lambda: (folders.outbox / "notify.png").exists(), what="the output")
-            # Idle now: the loop keeps pinging at half the watchdog interval (0.2 s).
+            # Idle now: the loop keeps pinging at half the watchdog interval (0.3 s).
             idle_from = time.monotonic()
             time.sleep(1.5)
             pings = [at for at, line in listener.fields() if line == "WATCHDOG=1" and at >= idle_from]
@@ -157,8 +156,8 @@ def test_the_daemon_tells_systemd_ready_status_watchdog_and_stopping(folders: Fo
     loads = [i for i, line in enumerate(lines) if line.startswith("EXTEND_TIMEOUT_USEC=600000000")]
     assert loads and ready < loads[0] < stopping
     assert any(line.startswith("STATUS=idle") for line in lines[sampling:stopping])
-    assert len(pings) >= 5, pings
-    assert max(b - a for a, b in zip(pings, pings[1:])) < 0.4  # never longer than systemd allows
+    assert len(pings) >= 3, pings
+    assert max(b - a for a, b in zip(pings, pings[1:])) < 0.6  # never longer than systemd allows
 
 
 def test_sigterm_stops_at_a_step_boundary_and_the_next_start_resumes_with_the_same_bytes(folders: Folders,
