@@ -22,13 +22,13 @@ def colour(i: int) -> tuple[int, int, int]:
     return (40 + (i * 37) % 200, 60 + (i * 91) % 180, 90 + (i * 53) % 160)
 
 
-def drop_jobs(inbox: Path, count: int, offset: int = 0, **job: Any) -> None:
+def drop_jobs(inbox: Path, count: int, offset: int = 0, size: int = 64, **job: Any) -> None:
     """``count`` folder jobs, each with its own image (so nothing is reused between them)."""
     inbox.mkdir(parents=True, exist_ok=True)
     for i in range(offset, offset + count):
         folder = inbox / f".staging-{i}"
         folder.mkdir(parents=True)
-        make_image(folder / "photo.png", (64, 64), colour(i))
+        make_image(folder / "photo.png", (size, size), colour(i))
         (folder / "job.json").write_text(json.dumps(tiny_job(**{"seed": i, **job})))
         folder.rename(inbox / f"job-{i:04d}")
 

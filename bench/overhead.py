@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Orchestration overhead: N tiny jobs through the daemon versus the engine called directly.
 
-    python bench/overhead.py [--jobs 20] [--threads 1]
+    python bench/overhead.py [--jobs 20] [--threads 1] [--size 64] [--steps 4]
 
 Both sides run in this process on the same tiny model, after one warm-up job each, with models
 already loaded, so the difference is what the daemon adds per job: ingest (hashing, copying),
@@ -32,16 +32,20 @@ from stages.tiny_model import build_tiny_model
 from tests.daemon import make_image
 
 
-def direct(model: Path, root: Path, count: int, threads: int) -> float:
+def job_values(size: int, steps: int) -> dict:
+    return {"megapixels": size * size / 1024 / 1024, "steps": steps}
+
+
+def direct(model: Path, root: Path, count: int, threads: int, size: int, steps: int) -> float:
     """The engine loop a script would write: load, run five operations, save a PNG."""
     settings = settings_for(root, model, threads=threads)
     engine = create_engine(settings, ModelCache())
-    params = StageParameters(megapixels=0.004)
+    params = StageParameters(**job_values(size, steps))
     out = root / "direct"
     out.mkdir(parents=True)
 
     def one(i: int) -> None:
-        image = make_image(root / "direct-in" / f"{i}.png", (64, 64), colour(i))
+        image = make_image(root / "direct-in" / f"{i}.png", (size, size), colour(i))
         prepared = prepare([("image1", image)], params, settings.max_image_pixels)
         latent = engine.encode_latent(prepared, params)
         text = engine.encode_text(prepared, params, "make the sky purple", "")
@@ -56,15 +60,15 @@ def direct(model: Path, root: Path, count: int, threads: int) -> float:
     return time.perf_counter() - started
 
 
-def through_daemon(model: Path, root: Path, count: int, threads: int) -> float:
+def through_daemon(model: Path, root: Path, count: int, threads: int, size: int, steps: int) -> float:
     settings = settings_for(root, model, threads=threads)
-    drop_jobs(settings.inbox, 1, 10_000)  # warm-up job: loads the models
+    drop_jobs(settings.inbox, 1, 10_000, size, **job_values(size, steps))  # warm-up job: loads the models
     daemon = Daemon(settings, once=True)
     daemon.start()
     try:
         while daemon.tick(time.monotonic()):
             pass
-        drop_jobs(settings.inbox, count, 0)
+        drop_jobs(settings.inbox, count, 0, size, **job_values(size, steps))
         daemon.wake.set()
         started = time.perf_counter()
         while daemon.tick(time.monotonic()):
@@ -77,9 +81,9 @@ def through_daemon(model: Path, root: Path, count: int, threads: int) -> float:
     return elapsed
 
 
-def fresh_process(model: Path, root: Path, count: int, threads: int) -> float:
+def fresh_process(model: Path, root: Path, count: int, threads: int, size: int, steps: int) -> float:
     settings = settings_for(root, model, threads=threads)
-    drop_jobs(settings.inbox, count, 0)
+    drop_jobs(settings.inbox, count, 0, size, **job_values(size, steps))
     env = {"QIE_INBOX": str(settings.inbox), "QIE_OUTBOX": str(settings.outbox), "QIE_FAILED": str(settings.failed),
            "QIE_ARCHIVE": str(settings.archive), "QIE_WORK": str(settings.work), "QIE_STATE": str(settings.state),
            "QIE_MODEL_PATH": str(model), "QIE_SETTLE_SECONDS": "0", "QIE_THREADS": str(threads),
@@ -93,17 +97,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=20)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--size", type=int, default=64, help="image side in pixels")
+    parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="qie-bench-") as tmp:
         root = Path(tmp)
         model = build_tiny_model(root / "model")
-        direct_s = direct(model, root / "direct", args.jobs, args.threads)
-        daemon_s = through_daemon(model, root / "daemon", args.jobs, args.threads)
-        process_s = fresh_process(model, root / "process", args.jobs, args.threads)
+        shape = (args.size, args.steps)
+        direct_s = direct(model, root / "direct", args.jobs, args.threads, *shape)
+        daemon_s = through_daemon(model, root / "daemon", args.jobs, args.threads, *shape)
+        process_s = fresh_process(model, root / "process", args.jobs, args.threads, *shape)
         shutil.rmtree(root / "direct", ignore_errors=True)
     n = args.jobs
-    print(f"\n{n} tiny 64x64 jobs, 4 steps, torch threads {args.threads}\n")
+    print(f"\n{n} tiny {args.size}x{args.size} jobs, {args.steps} steps, torch threads {args.threads}\n")
     print(f"{'path':<44}{'total s':>9}{'ms/job':>9}{'jobs/s':>9}")
     for label, seconds in (("engine called directly (models loaded)", direct_s),
                            ("daemon in-process (models loaded)", daemon_s),

@@ -161,26 +161,7 @@ class JobFileError(ValueError):
 
 def parse_job_file(raw: bytes, path: str, defaults: StageParameters) -> tuple[JobFile, StageParameters]:
     """Parse and validate a job file's bytes; raise JobFileError naming the file and field."""
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        raise JobFileError(path, f"not UTF-8 text ({exc.reason} at byte {exc.start})") from exc
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise JobFileError(path, f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from exc
-    if not isinstance(data, dict):
-        raise JobFileError(path, f"must be a JSON object, not {type(data).__name__}")
-    try:
-        job = JobFile.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        more = len(exc.errors()) - 1
-        if more:
-            message += f" (and {more} more problem{'s' if more > 1 else ''})"
-        raise JobFileError(path, message, field) from exc
+    job = _validated(JobFile, _json_object(raw, path), path)
     try:
         return job, job.parameters(defaults)
     except (ValidationError, ValueError) as exc:
@@ -220,6 +201,20 @@ Preset.__doc__ = ("A preset folder's ``preset.json``: a job file without image1 
                   "and image3, when given, are files in the preset folder shared by all its jobs.")
 
 
+def _validated(model: type[BaseModel], data: dict[str, Any], path: str) -> Any:
+    """``model`` of ``data``, or a JobFileError naming the first bad field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or None
+        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
+        more = len(exc.errors()) - 1
+        if more:
+            message += f" (and {more} more problem{'s' if more > 1 else ''})"
+        raise JobFileError(path, message, field) from exc
+
+
 def _json_object(raw: bytes, path: str) -> dict[str, Any]:
     try:
         text = raw.decode("utf-8-sig")
@@ -240,13 +235,7 @@ def parse_preset(raw: bytes, path: str, defaults: StageParameters) -> dict[str, 
     for key, why in PRESET_FIELDS_LEFT_OUT.items():
         if key in data:
             raise JobFileError(path, why, key)
-    try:
-        Preset.model_validate(data)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"]) or None
-        message = "unknown key" if first["type"] == "extra_forbidden" else first["msg"].removeprefix("Value error, ")
-        raise JobFileError(path, message, field) from exc
+    _validated(Preset, data, path)
     # What only the whole job can tell (width without height, seeds with seed, ...).
     parse_job_file(json.dumps({**data, "image1": "image.png"}).encode(), path, defaults)
     return data
