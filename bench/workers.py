@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Throughput of several worker processes on one PostgreSQL queue, on tiny jobs.
 
-    python bench/workers.py [--jobs 24] [--workers 1,2,3] [--threads 1]
+    python bench/workers.py [--jobs 48] [--workers 1,2,3] [--threads 1]
 
 For each worker count: a fresh database on a private PostgreSQL cluster (as in the tests),
 fresh shared folders, that many ``run.py worker`` processes (every stage, one torch thread
@@ -98,7 +98,7 @@ def run(server: PostgresServer, model: Path, root: Path, workers: int, count: in
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--jobs", type=int, default=24)
+    parser.add_argument("--jobs", type=int, default=48)
     parser.add_argument("--workers", default="1,2,3", help="comma-separated worker counts (default 1,2,3)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     args = parser.parse_args()

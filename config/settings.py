@@ -42,7 +42,7 @@ class Settings(BaseSettings):
 
     # Watching
     watch_mode: Literal["auto", "native", "polling"] = Field("auto", description="`native` (inotify), `polling` (network shares), or `auto`: polling when the inbox is on NFS/SMB/FUSE.")
-    poll_interval: float = Field(1.0, gt=0, description="Seconds between polls in polling mode.")
+    poll_interval: float = Field(1.0, gt=0, description="Seconds between polls of the inbox in polling mode, and of the queue when several daemons share it (PostgreSQL) or this one does not watch the inbox.")
     rescan_interval: float = Field(30.0, gt=0, description="Seconds between full rescans of the inbox (events are hints, the scan is truth).")
     settle_seconds: float = Field(2.0, ge=0, description="A file is ready when its size and mtime have not changed for this long.")
     missing_file_timeout: float = Field(3600.0, gt=0, description="A job waiting this long for a file it names fails, naming the file.")
@@ -75,7 +75,7 @@ class Settings(BaseSettings):
     max_attempts: int = Field(3, ge=1, description="Tries for a job whose errors are transient (out of memory, I/O, device).")
     retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")
     max_crashes: int = Field(3, ge=1, description="A job that was running when the process died this many times is failed.")
-    lease_seconds: float = Field(300.0, gt=0, description="A claimed job whose lease is older than this is claimable again.")
+    lease_seconds: float = Field(300.0, gt=0, description="How long a claim holds without renewal. The running daemon renews it every quarter of this (a heartbeat); a job whose lease expired (its machine died) is claimable again; every daemon looks for such jobs every half of this (at most every minute).")
     save_partials: bool = Field(True, description="Write the latent during sampling so a long run resumes mid-way.")
     partial_interval: float = Field(5.0, ge=0, description="Seconds of sampling between two partial latents (0: after every step).")
 

@@ -366,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--ingest", action="store_true", help="also watch the inbox and ingest jobs "
                         "(with PostgreSQL one daemon at a time scans it)")
     worker.add_argument("--once", action="store_true",
-                        help="exit when no job is left running or due (every job finished or waiting for a retry)")
+                        help="exit when the queue is drained: no job running, due, or waiting for a retry")
     worker.add_argument("--polling", action="store_true", help="with --ingest: poll the inbox instead of inotify")
 
     submit = command("submit", cmd_submit, "copy a job file and its images into the inbox, atomically")

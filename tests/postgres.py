@@ -74,7 +74,9 @@ class PostgresServer:
             except KeyError as exc:
                 raise Unavailable(f"running as root and there is no {PG_ACCOUNT!r} account to run the server as") from exc
             run_as = PG_ACCOUNT
-        root = Path(tempfile.mkdtemp(prefix="qie-pg-"))
+        # In /tmp: the server's account must reach it (TMPDIR may be private), and a unix
+        # socket's path must stay short.
+        root = Path(tempfile.mkdtemp(prefix="qie-pg-", dir="/tmp" if os.path.isdir("/tmp") else None))
         os.chmod(root, 0o700)
         if run_as is not None:
             os.chown(root, account.pw_uid, account.pw_gid)

@@ -19,6 +19,13 @@ import pytest
 from db import Database, jobs, utcnow
 from tests.daemon import Folders, tiny_job
 from tests.postgres import PgFolders, PostgresServer, Unavailable
+# The queue's state rules again, on PostgreSQL: collected here, they get this module's ``db``.
+from tests.test_queue import (test_a_job_is_claimed_by_exactly_one_worker,  # noqa: F401
+                              test_a_job_that_keeps_killing_the_process_is_failed_after_max_crashes,
+                              test_a_live_workers_job_is_left_alone_until_its_lease_expires,
+                              test_a_new_database_is_created_at_the_newest_schema, test_a_retry_waits_for_its_time,
+                              test_cancel_and_retry_follow_the_state_rules,
+                              test_higher_priority_then_older_jobs_come_first)
 
 STAGES = ["prepare", "encode_text", "encode_latent", "sample", "decode"]
 # Quick hand-overs between daemons in tests: leases of a few seconds, the queue polled often.
@@ -449,7 +456,7 @@ def test_the_heartbeat_lets_the_lease_run_out_when_the_unit_shows_no_progress(db
         time.sleep(0.6)  # no beat() after the start: a hung main thread
         renewed = heartbeat.renewals
         time.sleep(0.3)
-        assert heartbeat.renewals == renewed <= 4
+        assert heartbeat.renewals == renewed < 10
     assert not heartbeat.lost.is_set()
 
 
