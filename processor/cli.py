@@ -129,7 +129,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
     daemon = daemon_status(settings.work)
     if args.json:
-        print(json.dumps({"jobs": rows, "alarms": alarms, "daemon": daemon}, indent=2))
+        print(json.dumps({"jobs": rows, "alarms": alarms, "daemons": daemon}, indent=2))
     else:
         print(status_table(rows, alarms, daemon))
     return 0

@@ -98,6 +98,7 @@ class FolderLock:
 
 def write_status_file(path: Path, status: dict) -> None:
     """Replace the status file (not fsynced: it is rewritten every second and only informs)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(status, indent=2))
     os.replace(tmp, path)
@@ -256,7 +257,8 @@ class Daemon:
         return True
 
     def _write_status(self, force: bool = False) -> None:
-        """``work/status.json``: what this daemon does and holds, for ``run.py status`` (at most 1/s)."""
+        """``work/status/<worker>.json``: what this daemon does and holds, for ``run.py status``
+        (at most once a second; one file per daemon, since several may share a work folder)."""
         now = time.monotonic()
         if not force and now - self._status_written < 1.0:
             return
@@ -265,7 +267,7 @@ class Daemon:
                   "doing": self._doing, "scheduling": self.settings.scheduling,
                   "models_loaded": {} if self._doing == "stopped" else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
                   "model_cache": self.cache.stats.as_dict()}
-        write_status_file(self.settings.work / "status.json", status)
+        write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
 
     def _after_scan(self, result: ScanResult) -> None:
         if result.inbox_missing:

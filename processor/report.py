@@ -53,12 +53,18 @@ def status_rows(db: Database, include_finished: bool = True, limit: int = 50) ->
     return rows, alarms
 
 
-def daemon_status(work) -> Optional[dict[str, Any]]:
-    """What the daemon last wrote to ``work/status.json`` (None when it never ran here)."""
-    try:
-        return json.loads((work / "status.json").read_text())
-    except (OSError, ValueError):
-        return None
+def daemon_status(work) -> list[dict[str, Any]]:
+    """What each daemon using this work folder last wrote to ``work/status/``: those heard from
+    in the last hour, or else the last one."""
+    found = []
+    for path in sorted((work / "status").glob("*.json")):
+        try:
+            found.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    found.sort(key=lambda d: d.get("updated_at", ""), reverse=True)
+    recent = (utcnow() - timedelta(hours=1)).isoformat()
+    return [d for d in found if d.get("updated_at", "") >= recent] or found[:1]
 
 
 def daemon_line(daemon: dict[str, Any]) -> str:
@@ -71,10 +77,9 @@ def daemon_line(daemon: dict[str, Any]) -> str:
             f"loading took {cache.get('load_seconds', 0):.1f} s")
 
 
-def status_table(rows: list[dict], alarms: list[dict], daemon: Optional[dict[str, Any]] = None) -> str:
+def status_table(rows: list[dict], alarms: list[dict], daemons: Optional[list[dict[str, Any]]] = None) -> str:
     lines = [f"ALARM {a['at']}: {a['message']}" for a in alarms]
-    if daemon:
-        lines.append(daemon_line(daemon))
+    lines += [daemon_line(daemon) for daemon in daemons or ()]
     if not rows:
         return "\n".join(lines + ["no jobs yet"])
     header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "DETAIL")

@@ -66,7 +66,8 @@ class Unit:
 
 
 class PayloadMemo:
-    """Recently written or verified checkpoint payloads, so the next stage need not re-read them."""
+    """Recently written or verified checkpoint payloads (with their sha256), so the next stage
+    need not re-read them."""
 
     def __init__(self, max_bytes: int = 512 * 1024 * 1024):
         self.max_bytes = max_bytes
@@ -102,6 +103,7 @@ class JobRunner:
         self._cancel_checked = 0.0
         self._plans: dict[int, JobPlan] = {}
         self._memo = PayloadMemo()
+        self._used: set[tuple[int, str]] = set()  # (job, stage) whose use of a checkpoint is recorded
         self._unit_start_loads: Counter = Counter()
         self.model_loads: dict[int, Counter] = {}
 
@@ -160,6 +162,7 @@ class JobRunner:
 
     def forget(self, job_id: int) -> None:
         self._plans.pop(job_id, None)
+        self._used = {used for used in self._used if used[0] != job_id}
 
     # Running a unit --------------------------------------------------------------------------------
 
@@ -202,8 +205,10 @@ class JobRunner:
     def _obtain(self, name: str, job: Job, plan: JobPlan) -> Any:
         """A stage's payload: from memory, from its verified checkpoint, or computed again."""
         fingerprint = plan.chain[name]
-        payload = self._memo.get(fingerprint)
-        if payload is not None:
+        remembered = self._memo.get(fingerprint)
+        if remembered is not None:
+            payload, sha = remembered
+            self._note_use(job, name, fingerprint, sha)
             return payload
         with job_context(job.id, name):
             payload = self._load_checkpoint(name, fingerprint, job)
@@ -226,15 +231,22 @@ class JobRunner:
                 checkpoints.forget(session, fingerprint)
                 jobs.add_event(session, job.id, "checkpoint", f"{name}: {exc}; recomputed", level="warning")
             return None
+        self._note_use(job, name, fingerprint, recorded[1])
+        self._memo.put(fingerprint, (payload, recorded[1]), recorded[2])
+        return payload
+
+    def _note_use(self, job: Job, name: str, fingerprint: str, sha: str) -> None:
+        """Record, once per job, that it reused a checkpoint (computed by an earlier job or life)."""
+        if (job.id, name) in self._used:
+            return
         with self.db.begin() as session:
             if not checkpoints.has_run(session, job.id, name, fingerprint):
-                checkpoints.record_hit(session, job.id, name, fingerprint, recorded[1], self.engine.device_name(),
+                checkpoints.record_hit(session, job.id, name, fingerprint, sha, self.engine.device_name(),
                                        self.worker)
                 log.info("job %d: %s reused from checkpoint %s", job.id, name, fingerprint[:12])
             else:
                 checkpoints.touch(session, fingerprint)
-        self._memo.put(fingerprint, payload, recorded[2])
-        return payload
+        self._used.add((job.id, name))
 
     def _compute(self, name: str, job: Job, plan: JobPlan, inputs: dict) -> Any:
         fingerprint = plan.chain[name]
@@ -263,7 +275,8 @@ class JobRunner:
         with self.db.begin() as session:
             checkpoints.record(session, fingerprint, name, str(path), sha, size)
             checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started)
-        self._memo.put(fingerprint, payload, size)
+        self._memo.put(fingerprint, (payload, sha), size)
+        self._used.add((job.id, name))
         if name == "sample":
             self._drop_partials(fingerprint)
         log.info("job %d: %s computed in %.3fs", job.id, name, time.perf_counter() - started)
