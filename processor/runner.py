@@ -310,14 +310,19 @@ class JobRunner:
         return None
 
     def _step_recorder(self, job: Job, fingerprint: str, steps_total: Optional[int]):
-        """Progress after every step; a partial when ``partial_interval`` seconds passed since the last."""
-        last_partial = time.monotonic()
+        """Progress after every step, stored at most twice a second (the heartbeat keeps the lease);
+        a partial when ``partial_interval`` seconds passed since the last."""
+        last_partial = last_stored = time.monotonic()
 
         def on_step(step: int, state: Any) -> None:
-            nonlocal last_partial
+            nonlocal last_partial, last_stored
             now = time.monotonic()
-            partial_due = (self.settings.save_partials and steps_total and step < steps_total
-                           and now - last_partial >= self.settings.partial_interval)
+            partial_due = bool(self.settings.save_partials and steps_total and step < steps_total
+                               and now - last_partial >= self.settings.partial_interval)
+            if not (partial_due or step == steps_total or now - last_stored >= 0.5):
+                self.progress(_progress_text(job, "sample", step, steps_total))
+                fault_point(f"stage.sample.step{step}")
+                return
             with self.db.begin() as session:
                 if partial_due:
                     partial = checkpoints.partial_fingerprint(fingerprint, step)
@@ -325,6 +330,7 @@ class JobRunner:
                     checkpoints.record(session, partial, "sample", str(path), sha, size)
                     last_partial = now
                 self._record_progress(session, job, "sample", step, steps_total)
+            last_stored = now
             if partial_due:
                 self._drop_partials(fingerprint, keep=partial)
             fault_point(f"stage.sample.step{step}")
@@ -348,8 +354,7 @@ class JobRunner:
         if not jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow(),
                                 stage=stage, step=step, steps_total=steps_total):
             raise JobStopped("lease lost")
-        text = f"job {job.id} ({job.name}): {stage}" + (f" step {step or 0}/{steps_total}" if steps_total else "")
-        self.progress(text)
+        self.progress(_progress_text(job, stage, step, steps_total))
 
     def _should_stop(self, job: Job) -> bool:
         """A shutdown was asked for, or (looked up at most once a second) a cancel."""
@@ -494,6 +499,10 @@ class JobRunner:
     def _unit_loads(self) -> Counter:
         """Models loaded since the current unit started."""
         return self._cache_loads() - self._unit_start_loads
+
+
+def _progress_text(job: Job, stage: str, step: Optional[int], steps_total: Optional[int]) -> str:
+    return f"job {job.id} ({job.name}): {stage}" + (f" step {step or 0}/{steps_total}" if steps_total else "")
 
 
 def _images(job: Job) -> list[dict]:
