@@ -41,6 +41,14 @@ def settings_for(root: Path, model: Path, **overrides: Any):
     return load_settings(None, **values)
 
 
+def drain(daemon: Daemon) -> float:
+    """Run units until none is left; the seconds it took."""
+    started = time.perf_counter()
+    while daemon.tick(time.monotonic()):
+        pass
+    return time.perf_counter() - started
+
+
 @dataclass
 class BatchResult:
     seconds: float
@@ -57,10 +65,7 @@ def run_batch(root: Path, model: Path, count: int, **overrides: Any) -> BatchRes
     daemon = Daemon(settings, once=True)
     daemon.start()
     try:
-        started = time.perf_counter()
-        while daemon.tick(time.monotonic()):
-            pass
-        seconds = time.perf_counter() - started
+        seconds = drain(daemon)
     finally:
         daemon.shutdown()
     stats = daemon.cache.stats
@@ -75,8 +80,7 @@ def model_sizes(root: Path, model: Path) -> dict[str, int]:
     daemon = Daemon(settings, once=True)
     daemon.start()
     try:
-        while daemon.tick(time.monotonic()):
-            pass
+        drain(daemon)
         return daemon.cache.sizes()
     finally:
         daemon.shutdown()

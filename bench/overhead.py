@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from batch import ROOT, colour, drop_jobs, settings_for
+from batch import ROOT, colour, drain, drop_jobs, settings_for
 
 from config import StageParameters
 from processor import publish
@@ -66,14 +66,10 @@ def through_daemon(model: Path, root: Path, count: int, threads: int, size: int,
     daemon = Daemon(settings, once=True)
     daemon.start()
     try:
-        while daemon.tick(time.monotonic()):
-            pass
+        drain(daemon)
         drop_jobs(settings.inbox, count, 0, size, **job_values(size, steps))
         daemon.wake.set()
-        started = time.perf_counter()
-        while daemon.tick(time.monotonic()):
-            pass
-        elapsed = time.perf_counter() - started
+        elapsed = drain(daemon)
     finally:
         daemon.shutdown()
     published = len(list(settings.outbox.glob("job-*.png")))
