@@ -192,7 +192,7 @@ class Ingestor:
 
     def _image_not_ready(self, candidate: Candidate, key: str, path: Path, waiting: Waiting,
                          now: float) -> Optional[str]:
-        rel = getattr_str(path, candidate.folder)
+        rel = relative_name(path, candidate.folder)
         if not path.is_file():
             waiting.missing = True
             if now - waiting.first_seen > self.settings.missing_file_timeout:
@@ -327,7 +327,8 @@ def stored_name(candidate: Candidate, path: Path) -> str:
         return "preset/" + path.relative_to(candidate.preset_folder).as_posix()
 
 
-def getattr_str(path: Path, folder: Path) -> str:
+def relative_name(path: Path, folder: Path) -> str:
+    """``path`` as the job file wrote it (relative to the job's folder) where possible."""
     try:
         return path.relative_to(folder).as_posix()
     except ValueError:
