@@ -142,6 +142,10 @@ class DaemonProcess:
             time.sleep(0.05)
         raise AssertionError(f"timed out waiting for {what}:\n{self.log[-4000:]}")
 
+    def wait_ready(self, timeout: float = 60) -> None:
+        """Until the daemon says it has started (folders locked, database open, watching)."""
+        self.wait_for(lambda: "ready" in self.log, timeout=timeout, what="start-up")
+
     def wait_exit(self, timeout: float = 120) -> int:
         try:
             return self.process.wait(timeout=timeout)

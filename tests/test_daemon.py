@@ -17,7 +17,7 @@ def outputs(folders: Folders) -> list[str]:
 
 def test_a_dropped_job_produces_its_image_and_manifest_in_the_outbox(folders: Folders):
     with folders.serve() as daemon:
-        daemon.wait_for(lambda: "ready" in daemon.log, what="start-up")
+        daemon.wait_ready()
         folders.drop("winter", tiny_job(seed=11))
         daemon.wait_for(lambda: (folders.outbox / "winter.json").exists(), what="the manifest")
         assert daemon.stop() == 0
@@ -101,7 +101,7 @@ def test_a_half_written_image_is_not_picked_up_until_it_is_complete(folders: Fol
     complete = make_image(tmp_path / "source.png", (64, 64)).read_bytes()
     chunk = len(complete) // 4 + 1
     with folders.serve() as daemon:
-        daemon.wait_for(lambda: "ready" in daemon.log, what="start-up")
+        daemon.wait_ready()
         # The job file arrives first, then the image trickles in with pauses longer than the
         # settle time (0.3 s), as over a slow network share.
         job_dir = folders.inbox / "slow"
@@ -123,7 +123,7 @@ def test_a_half_written_image_is_not_picked_up_until_it_is_complete(folders: Fol
 
 def test_invalid_job_files_land_in_failed_naming_the_field_and_the_daemon_keeps_running(folders: Folders):
     with folders.serve() as daemon:
-        daemon.wait_for(lambda: "ready" in daemon.log, what="start-up")
+        daemon.wait_ready()
         folders.drop("typo", tiny_job(step=8))
         folders.drop("badcfg", tiny_job(cfg="lots"))
         (folders.inbox / "broken.json").write_text('{"prompt": "x", "image1": ')
@@ -171,7 +171,7 @@ def test_status_and_show_report_jobs(folders: Folders):
 
 def test_a_second_daemon_on_the_same_folders_refuses_to_start(folders: Folders):
     with folders.serve() as first:
-        first.wait_for(lambda: "ready" in first.log, what="start-up")
+        first.wait_ready()
         second = folders.run("serve")
         assert second.returncode == 1
         assert "another qie-hotfolder daemon" in second.stderr

@@ -252,7 +252,7 @@ def test_several_workers_share_the_queue_and_do_every_job_exactly_once(pg_folder
     names = {f"job{i}" for i in range(6)}
     with pg_folders.serve() as server, pg_folders.worker() as second, pg_folders.worker() as third:
         for daemon in (server, second, third):
-            daemon.wait_for(lambda d=daemon: "ready" in d.log, what="start-up")
+            daemon.wait_ready()
         for i, name in enumerate(sorted(names)):  # each its own image: no checkpoint shared between jobs
             pg_folders.drop(name, tiny_job(seed=i), images={"photo.png": (64 + 8 * i, 64)})
         wait_all_done(server, pg_folders, names)
@@ -275,7 +275,7 @@ def test_stage_workers_split_the_pipeline_through_the_shared_checkpoints(pg_fold
     with pg_folders.worker("--ingest", "--stages", "encode_text,encode_latent,decode", QIE_THREADS="2") as small, \
             pg_folders.worker("--stages", "sample", QIE_THREADS="1") as big:
         for daemon in (small, big):
-            daemon.wait_for(lambda d=daemon: "ready" in d.log, what="start-up")
+            daemon.wait_ready()
         for i, name in enumerate(sorted(names)):
             pg_folders.drop(name, tiny_job(seed=i))
         wait_all_done(small, pg_folders, names)
@@ -354,7 +354,7 @@ def test_a_stage_longer_than_the_lease_keeps_its_job_through_the_heartbeat(pg_fo
     with pg_folders.worker("--ingest", QIE_LEASE_SECONDS="1", QIE_FAULTS="stage.encode_text=pause:4") as slow, \
             pg_folders.worker(QIE_LEASE_SECONDS="1", QIE_FAULTS="stage.encode_text=pause:4") as other:
         for daemon in (slow, other):
-            daemon.wait_for(lambda d=daemon: "ready" in d.log, what="start-up")
+            daemon.wait_ready()
         pg_folders.drop("long", tiny_job())
         wait_all_done(slow, pg_folders, {"long"})
         assert slow.stop() == 0 and other.stop() == 0
@@ -371,7 +371,7 @@ def test_two_ingesting_daemons_make_each_dropped_job_once(pg_folders: PgFolders)
     names = {f"drop{i}" for i in range(8)}
     with pg_folders.serve() as first, pg_folders.serve() as second:
         for daemon in (first, second):
-            daemon.wait_for(lambda d=daemon: "ready" in d.log, what="start-up")
+            daemon.wait_ready()
         for i, name in enumerate(sorted(names)):
             pg_folders.drop(name, tiny_job(seed=i))
         wait_all_done(first, pg_folders, names)
@@ -396,7 +396,7 @@ def test_a_daemon_does_not_scan_while_another_holds_the_ingest_lock(pg_folders: 
 
 def test_postgresql_daemons_share_a_work_folder_but_an_sqlite_daemon_may_not_join(pg_folders: PgFolders):
     with pg_folders.worker() as worker:
-        worker.wait_for(lambda: "ready" in worker.log, what="start-up")
+        worker.wait_ready()
         sqlite = pg_folders.run("serve", "--once", QIE_DATABASE_URL="")
         assert sqlite.returncode == 1
         assert "another qie-hotfolder daemon" in sqlite.stderr and "PostgreSQL" in sqlite.stderr

@@ -51,7 +51,7 @@ def test_a_job_that_kills_the_process_every_time_is_failed_and_the_others_comple
 
 def test_a_job_file_that_arrives_before_its_images_waits_for_them(folders: Folders):
     with folders.serve() as daemon:
-        daemon.wait_for(lambda: "ready" in daemon.log, what="start-up")
+        daemon.wait_ready()
         (folders.inbox / "early.json").write_text(json.dumps(tiny_job(image1="late.png")))
         time.sleep(2.0)
         assert folders.job_states() == {}
