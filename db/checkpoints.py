@@ -3,14 +3,34 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Optional
+from typing import Any, Callable, Optional
 
-from sqlalchemy import delete, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from db.schema import FINAL_STATES, Checkpoint, Job, StageRun, utcnow
+
+# The statements every unit of work runs, built once (see db/jobs.py).
+_checkpoints, _runs = Checkpoint.__table__, StageRun.__table__
+_EXISTING = select(_checkpoints.c.fingerprint).where(_checkpoints.c.fingerprint.in_(bindparam("fingerprints",
+                                                                                                expanding=True)))
+
+
+def _upsert(insert_: Callable) -> Any:
+    """INSERT a checkpoint row, or update it from the inserted values when the fingerprint exists."""
+    stmt = insert_(_checkpoints)
+    return stmt.on_conflict_do_update(index_elements=[_checkpoints.c.fingerprint],
+                                      set_={name: stmt.excluded[name]
+                                            for name in ("stage", "path", "sha256", "size", "last_used_at")})
+
+
+_RECORD = {"sqlite": _upsert(sqlite_insert), "postgresql": _upsert(postgresql_insert)}
+_START_RUN = insert(_runs)
+_FINISH_RUN = update(_runs).where(_runs.c.id == bindparam("run")).values(
+    checkpoint_sha256=bindparam("sha256_"), duration_s=bindparam("duration_s_"),
+    resumed_from_step=bindparam("resumed_from_step_"), error=bindparam("error_"), finished_at=bindparam("now"))
 
 
 def lookup(session: Session, fingerprint: str) -> Optional[Checkpoint]:
@@ -29,12 +49,8 @@ def record(session: Session, fingerprint: str, stage: str, path: str, sha256: st
         else:
             row.path, row.sha256, row.size, row.last_used_at = path, sha256, size, now
         return
-    insert = postgresql_insert if dialect == "postgresql" else sqlite_insert
-    stmt = insert(Checkpoint).values(fingerprint=fingerprint, stage=stage, path=path, sha256=sha256, size=size,
-                                     created_at=now, last_used_at=now)
-    session.execute(stmt.on_conflict_do_update(
-        index_elements=[Checkpoint.fingerprint],
-        set_={"stage": stage, "path": path, "sha256": sha256, "size": size, "last_used_at": now}))
+    session.execute(_RECORD[dialect], {"fingerprint": fingerprint, "stage": stage, "path": path, "sha256": sha256,
+                                       "size": size, "created_at": now, "last_used_at": now})
 
 
 def existing(session: Session, fingerprints: list[str]) -> set[str]:
@@ -42,7 +58,7 @@ def existing(session: Session, fingerprints: list[str]) -> set[str]:
     found: set[str] = set()
     for start in range(0, len(fingerprints), 500):
         chunk = fingerprints[start:start + 500]
-        found.update(session.scalars(select(Checkpoint.fingerprint).where(Checkpoint.fingerprint.in_(chunk))))
+        found.update(session.scalars(_EXISTING, {"fingerprints": chunk}))
     return found
 
 
@@ -85,20 +101,19 @@ def all_by_age(session: Session) -> list[Checkpoint]:
     return list(session.scalars(select(Checkpoint).order_by(Checkpoint.last_used_at)))
 
 
-def start_run(session: Session, job_id: int, stage: str, fingerprint: str, device: str,
-              worker: str, resumed_from_step: Optional[int] = None) -> int:
-    run = StageRun(job_id=job_id, stage=stage, fingerprint=fingerprint, device=device, worker=worker,
-                   resumed_from_step=resumed_from_step, cache_hit=False)
-    session.add(run)
-    session.flush()
-    return run.id
+def start_run(session: Session, job_id: int, stage: str, fingerprint: str, device: str, worker: str) -> int:
+    result = session.execute(_START_RUN, {"job_id": job_id, "stage": stage, "fingerprint": fingerprint,
+                                          "device": device, "worker": worker, "cache_hit": False,
+                                          "started_at": utcnow()})
+    return result.inserted_primary_key[0]
 
 
 def finish_run(session: Session, run_id: int, sha256: Optional[str], duration_s: float,
-               cache_hit: bool = False, error: Optional[str] = None) -> None:
-    session.execute(update(StageRun).where(StageRun.id == run_id).values(
-        checkpoint_sha256=sha256, duration_s=duration_s, cache_hit=cache_hit, error=error,
-        finished_at=utcnow()))
+               resumed_from_step: Optional[int] = None, error: Optional[str] = None) -> None:
+    """The run ended: with its checkpoint's sha256, or with ``error``; ``resumed_from_step`` when
+    it continued a partial."""
+    session.execute(_FINISH_RUN, {"run": run_id, "sha256_": sha256, "duration_s_": duration_s,
+                                  "resumed_from_step_": resumed_from_step, "error_": error, "now": utcnow()})
 
 
 def record_hit(session: Session, job_id: int, stage: str, fingerprint: str, sha256: str,

@@ -16,10 +16,35 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Optional, Sequence
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from db.schema import FINAL_STATES, Event, Job, JobState, utcnow
+
+# The statements of a unit of work, built once (building one costs more than running it, and a
+# daemon runs them a dozen times a job). They name the table, not the mapped class: no loaded
+# object needs updating after them. Every UPDATE still sets ``updated_at`` (its ``onupdate``).
+_jobs = Job.__table__
+_QUEUED, _RUNNING = JobState.QUEUED.value, JobState.RUNNING.value
+_CLAIMABLE = (select(_jobs.c.id, _jobs.c.updated_at)
+              .where(_jobs.c.state == _QUEUED,
+                     or_(_jobs.c.next_attempt_at.is_(None), _jobs.c.next_attempt_at <= bindparam("now")))
+              .order_by(_jobs.c.priority.desc(), _jobs.c.created_at, _jobs.c.id))
+_CLAIM_VALUES = dict(state=_RUNNING, claimed_by=bindparam("worker"), lease_until=bindparam("until"),
+                     started_at=func.coalesce(_jobs.c.started_at, bindparam("now")), updated_at=bindparam("now"))
+_CLAIM = {
+    "sqlite": update(_jobs).where(_jobs.c.id == bindparam("job"), _jobs.c.state == _QUEUED).values(**_CLAIM_VALUES),
+    "postgresql": update(_jobs).where(
+        _jobs.c.id == (select(_jobs.c.id).where(_jobs.c.id == bindparam("job"), _jobs.c.state == _QUEUED)
+                       .with_for_update(skip_locked=True).scalar_subquery()),
+        _jobs.c.state == _QUEUED).values(**_CLAIM_VALUES),
+}
+_HELD = (_jobs.c.id == bindparam("job"), _jobs.c.claimed_by == bindparam("worker"), _jobs.c.state == _RUNNING)
+_RENEW = update(_jobs).where(*_HELD).values(lease_until=bindparam("until"), updated_at=bindparam("now"))
+_RENEW_WITH_PROGRESS = update(_jobs).where(*_HELD).values(
+    lease_until=bindparam("until"), updated_at=bindparam("now"), stage=bindparam("stage_"),
+    step=bindparam("step_"), steps_total=bindparam("steps_total_"))
+_RELEASE = update(_jobs).where(*_HELD).values(state=_QUEUED, claimed_by=None, lease_until=None, step=None)
 
 
 class TransitionError(ValueError):
@@ -67,13 +92,18 @@ def list_jobs(session: Session, states: Optional[Sequence[str]] = None, limit: i
     return list(session.scalars(stmt))
 
 
-def claimable(session: Session, now: datetime) -> list[Job]:
-    """Queued jobs whose retry time has come, best first (priority, then age)."""
-    stmt = (select(Job)
-            .where(Job.state == JobState.QUEUED.value,
-                   or_(Job.next_attempt_at.is_(None), Job.next_attempt_at <= now))
-            .order_by(Job.priority.desc(), Job.created_at, Job.id))
-    return list(session.scalars(stmt))
+def claimable(session: Session, now: datetime) -> list:
+    """``(id, updated_at)`` of the queued jobs whose retry time has come, best first (priority,
+    then age). Every change to a job row sets its ``updated_at``, so a reader that keeps what it
+    read about a job knows from it when to read the job again."""
+    return list(session.execute(_CLAIMABLE, {"now": now}))
+
+
+def jobs_by_id(session: Session, ids: Sequence[int]) -> list[Job]:
+    found: list[Job] = []
+    for start in range(0, len(ids), 500):
+        found.extend(session.scalars(select(Job).where(Job.id.in_(list(ids[start:start + 500])))))
+    return found
 
 
 def next_retry_at(session: Session) -> Optional[datetime]:
@@ -91,16 +121,9 @@ def claim(session: Session, job_id: int, worker: str, lease_seconds: float, now:
     'queued' FOR UPDATE SKIP LOCKED) AND state = 'queued'``: a row another claimer is taking is
     skipped at once instead of waited for, and a row it took is no longer queued.
     """
-    target = Job.id == job_id
-    if _dialect(session) == "postgresql":
-        target = Job.id == (select(Job.id).where(Job.id == job_id, Job.state == JobState.QUEUED.value)
-                            .with_for_update(skip_locked=True).scalar_subquery())
-    result = session.execute(
-        update(Job)
-        .where(target, Job.state == JobState.QUEUED.value)
-        .values(state=JobState.RUNNING.value, claimed_by=worker,
-                lease_until=now + timedelta(seconds=lease_seconds),
-                started_at=func.coalesce(Job.started_at, now), updated_at=now))
+    claim_ = _CLAIM["postgresql" if _dialect(session) == "postgresql" else "sqlite"]
+    result = session.execute(claim_, {"job": job_id, "worker": worker, "now": now,
+                                      "until": now + timedelta(seconds=lease_seconds)})
     return result.rowcount == 1
 
 
@@ -108,13 +131,11 @@ def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float
                 stage: Optional[str] = None, step: Optional[int] = None,
                 steps_total: Optional[int] = None) -> bool:
     """Extend the lease and record progress; False when the job is no longer ours."""
-    values: dict = {"lease_until": now + timedelta(seconds=lease_seconds), "updated_at": now}
-    if stage is not None:
-        values.update(stage=stage, step=step, steps_total=steps_total)
-    result = session.execute(
-        update(Job).where(Job.id == job_id, Job.claimed_by == worker,
-                          Job.state == JobState.RUNNING.value).values(**values))
-    return result.rowcount == 1
+    values = {"job": job_id, "worker": worker, "now": now, "until": now + timedelta(seconds=lease_seconds)}
+    if stage is None:
+        return session.execute(_RENEW, values).rowcount == 1
+    values.update(stage_=stage, step_=step, steps_total_=steps_total)
+    return session.execute(_RENEW_WITH_PROGRESS, values).rowcount == 1
 
 
 def holds(session: Session, job_id: int, worker: str) -> bool:
@@ -180,9 +201,7 @@ def release(session: Session, job_id: int, worker: str, reason: str) -> None:
 
 def release_between_stages(session: Session, job_id: int, worker: str) -> None:
     """A stage is done and checkpointed; the job waits in the queue for its next stage."""
-    session.execute(
-        update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
-        .values(state=JobState.QUEUED.value, claimed_by=None, lease_until=None, step=None))
+    session.execute(_RELEASE, {"job": job_id, "worker": worker})
 
 
 def siblings_unfinished(session: Session, job_id: int, work_dir: str) -> bool:

@@ -113,6 +113,11 @@ class Ingestor:
 
     def _consider(self, candidate: Candidate, waiting: Waiting, now: float) -> Optional[int]:
         waiting.missing = False
+        if candidate.is_folder:
+            # Every file of a folder is watched from the first look, so that they settle
+            # together rather than one after the other.
+            for path in candidate.owned_files():
+                self.tracker.settled(path, now)
         if not self.tracker.settled(candidate.job_file, now):
             waiting.reason = "job file still changing"
             return None

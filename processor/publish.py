@@ -24,7 +24,6 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import numpy as np
 import torch
 from PIL import Image, PngImagePlugin
 
@@ -32,6 +31,7 @@ from config import Settings
 from processor.faults import fault_point
 from processor.inbox import move_files, unique_path
 from stages.checkpoint import sha256_bytes, write_atomic
+from stages.definitions import to_8bit
 
 log = logging.getLogger(__name__)
 
@@ -39,9 +39,8 @@ EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 
 
 def image_bytes(image: torch.Tensor, output_format: str, quality: int, text: dict[str, str]) -> bytes:
-    """Encode a float [H, W, 3] 0..1 image; PNGs carry ``text`` as tEXt chunks."""
-    array = (image.detach().to(torch.float32).cpu().clamp(0, 1).numpy() * 255.0).round().astype(np.uint8)
-    picture = Image.fromarray(array, "RGB")
+    """Encode an [H, W, 3] image, 8-bit or float 0..1; PNGs carry ``text`` as tEXt chunks."""
+    picture = Image.fromarray(to_8bit(image).numpy(), "RGB")
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngImagePlugin.PngInfo()

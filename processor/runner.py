@@ -23,6 +23,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from sqlalchemy.orm import Session
+
 from config import Settings, StageParameters
 from db import Database, Job, checkpoints, jobs, utcnow
 from processor import publish
@@ -63,6 +65,7 @@ class Unit:
     stage: str
     models: tuple[str, ...] = ()
     error: Optional[Exception] = None
+    run_id: Optional[int] = None  # its stage run record, opened in the claiming transaction
 
 
 class PayloadMemo:
@@ -166,6 +169,19 @@ class JobRunner:
 
     # Running a unit --------------------------------------------------------------------------------
 
+    def open_unit(self, session: Session, unit: Unit) -> None:
+        """In the transaction that claims ``unit``: show its stage as the job's progress and open
+        its run record, when the job's use of every input is recorded already (else the run is
+        opened after those uses, so that a job's runs read in the order they happened)."""
+        if unit.error is not None or unit.stage == PUBLISH:
+            return
+        if all((unit.job.id, read) in self._used for read in BY_NAME[unit.stage].reads):
+            unit.run_id = self._open_run(session, unit.job, self.plan(unit.job), unit.stage)
+
+    def _open_run(self, session: Session, job: Job, plan: JobPlan, name: str) -> int:
+        self._store_progress(session, job, name, None, plan.params.steps if name == "sample" else None)
+        return checkpoints.start_run(session, job.id, name, plan.chain[name], self.engine.device_name(), self.worker)
+
     def run_unit(self, unit: Unit) -> str:
         """Run a claimed unit; returns the state the job is left in."""
         job = unit.job
@@ -173,7 +189,7 @@ class JobRunner:
         try:
             if unit.error is not None:
                 raise unit.error
-            state = self._run_stage(job, unit.stage)
+            state = self._run_stage(unit)
         except JobStopped:
             state = self._stopped(job)
         except Exception as exc:  # noqa: BLE001 - every failure is recorded on the job
@@ -184,18 +200,19 @@ class JobRunner:
             self.forget(job.id)
         return state
 
-    def _run_stage(self, job: Job, stage: str) -> str:
+    def _run_stage(self, unit: Unit) -> str:
+        job, stage = unit.job, unit.stage
         plan = self.plan(job)
         if stage == PUBLISH:
             decoded = self._obtain("decode", job, plan)
         else:
             inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[stage].reads}
-            decoded = self._compute(stage, job, plan, inputs)
             if stage != "decode":
-                with self.db.begin() as session:
-                    jobs.release_between_stages(session, job.id, self.worker)
+                # The checkpoint is recorded and the job handed back to the queue at once.
+                self._compute(stage, job, plan, inputs, unit.run_id,
+                              then=lambda session: jobs.release_between_stages(session, job.id, self.worker))
                 return "queued"
-        self._check_lease(job)  # a worker that lost its job must not publish it too
+            decoded = self._compute(stage, job, plan, inputs, unit.run_id)
         result = self._publish(job, plan, decoded["image"])
         with self.db.begin() as session:
             jobs.mark_done(session, job.id, self.worker, result)
@@ -248,37 +265,45 @@ class JobRunner:
                 checkpoints.touch(session, fingerprint)
         self._used.add((job.id, name))
 
-    def _compute(self, name: str, job: Job, plan: JobPlan, inputs: dict) -> Any:
+    def _compute(self, name: str, job: Job, plan: JobPlan, inputs: dict, run_id: Optional[int] = None,
+                 then: Optional[Callable[[Session], None]] = None) -> Any:
+        """Compute stage ``name`` and record its checkpoint; ``then`` runs in the recording
+        transaction. ``run_id``: the run record opened when the unit was claimed, else one is opened."""
         fingerprint = plan.chain[name]
-        resume = self._resume_point(name, fingerprint) if name == "sample" else None
+        resume, partials_found = self._resume_point(fingerprint) if name == "sample" else (None, False)
         steps_total = plan.params.steps if name == "sample" else None
-        with self.db.begin() as session:
-            self._record_progress(session, job, name, resume.step if resume else None, steps_total)
-            run_id = checkpoints.start_run(session, job.id, name, fingerprint, self.engine.device_name(),
-                                           self.worker, resume.step if resume else None)
+        resumed_from = resume.step if resume else None
+        if run_id is None:
+            with self.db.begin() as session:
+                run_id = self._open_run(session, job, plan, name)
+        self.progress(_progress_text(job, name, resumed_from, steps_total))
         fault_point(f"stage.{name}")
         fault_point(f"job.{job.name}.stage.{name}")
         started = time.perf_counter()
-        on_step = self._step_recorder(job, fingerprint, steps_total) if name == "sample" else None
+        recorder = StepRecorder(self, job, fingerprint, steps_total) if name == "sample" else None
         try:
-            payload = compute(name, self.engine, inputs, plan.ctx, resume=resume, on_step=on_step,
+            payload = compute(name, self.engine, inputs, plan.ctx, resume=resume, on_step=recorder,
                               should_stop=lambda: self._should_stop(job))
-        except StageInterrupted as exc:
-            with self.db.begin() as session:
-                checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, error="interrupted")
-            raise JobStopped(name) from exc
         except Exception as exc:
+            interrupted = isinstance(exc, StageInterrupted)
             with self.db.begin() as session:
-                checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, error=str(exc))
+                checkpoints.finish_run(session, run_id, None, time.perf_counter() - started, resumed_from,
+                                       error="interrupted" if interrupted else str(exc))
+            if interrupted:
+                raise JobStopped(name) from exc
             raise
         path, sha, size = self._write(name, fingerprint, payload)
+        stale: list[str] = []
         with self.db.begin() as session:
             checkpoints.record(session, fingerprint, name, str(path), sha, size)
-            checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started)
+            checkpoints.finish_run(session, run_id, sha, time.perf_counter() - started, resumed_from)
+            if partials_found or (recorder is not None and recorder.wrote_partials):
+                stale = self._forget_partials(session, fingerprint)
+            if then is not None:
+                then(session)
+        _unlink(stale)
         self._memo.put(fingerprint, (payload, sha), size)
         self._used.add((job.id, name))
-        if name == "sample":
-            self._drop_partials(fingerprint)
         log.info("job %d: %s computed in %.3fs", job.id, name, time.perf_counter() - started)
         return payload
 
@@ -296,7 +321,8 @@ class JobRunner:
 
     # Sampling partials ---------------------------------------------------------------------------
 
-    def _resume_point(self, name: str, fingerprint: str) -> Optional[SampleResume]:
+    def _resume_point(self, fingerprint: str) -> tuple[Optional[SampleResume], bool]:
+        """The newest usable partial of a ``sample`` run, and whether any partial was recorded."""
         with self.db.begin() as session:
             found = [(checkpoints.partial_step(r), r.path, r.sha256) for r in checkpoints.partials(session, fingerprint)]
         for step, path, sha in found:
@@ -306,55 +332,37 @@ class JobRunner:
                 log.warning("partial %s not usable (%s)", path, exc)
                 continue
             log.info("sample resumes after step %d", step)
-            return SampleResume(step=step, state=state)
-        return None
+            return SampleResume(step=step, state=state), True
+        return None, bool(found)
 
-    def _step_recorder(self, job: Job, fingerprint: str, steps_total: Optional[int]):
-        """Progress after every step, stored at most twice a second (the heartbeat keeps the lease);
-        a partial when ``partial_interval`` seconds passed since the last."""
-        last_partial = last_stored = time.monotonic()
-
-        def on_step(step: int, state: Any) -> None:
-            nonlocal last_partial, last_stored
-            now = time.monotonic()
-            partial_due = bool(self.settings.save_partials and steps_total and step < steps_total
-                               and now - last_partial >= self.settings.partial_interval)
-            if not (partial_due or step == steps_total or now - last_stored >= 0.5):
-                self.progress(_progress_text(job, "sample", step, steps_total))
-                fault_point(f"stage.sample.step{step}")
-                return
-            with self.db.begin() as session:
-                if partial_due:
-                    partial = checkpoints.partial_fingerprint(fingerprint, step)
-                    path, sha, size = self._write("sample", partial, state)
-                    checkpoints.record(session, partial, "sample", str(path), sha, size)
-                    last_partial = now
-                self._record_progress(session, job, "sample", step, steps_total)
-            last_stored = now
-            if partial_due:
-                self._drop_partials(fingerprint, keep=partial)
-            fault_point(f"stage.sample.step{step}")
-        return on_step
-
-    def _drop_partials(self, fingerprint: str, keep: Optional[str] = None) -> None:
-        """Remove the partials of a ``sample`` run, but the newest (``keep``)."""
+    def _store_step(self, job: Job, fingerprint: str, step: int, steps_total: Optional[int],
+                    partial_state: Any = None) -> None:
+        """Store the progress of a sample run, with a partial (replacing the older ones) when given."""
+        stale: list[str] = []
         with self.db.begin() as session:
-            stale = [(r.fingerprint, r.path) for r in checkpoints.partials(session, fingerprint)
-                     if r.fingerprint != keep]
-            for partial, _ in stale:
-                checkpoints.forget(session, partial)
-        for _, path in stale:
-            Path(path).unlink(missing_ok=True)
+            if partial_state is not None:
+                partial = checkpoints.partial_fingerprint(fingerprint, step)
+                path, sha, size = self._write("sample", partial, partial_state)
+                stale = self._forget_partials(session, fingerprint, keep=partial)
+                checkpoints.record(session, partial, "sample", str(path), sha, size)
+            self._store_progress(session, job, "sample", step, steps_total)
+        _unlink(stale)
+
+    def _forget_partials(self, session: Session, fingerprint: str, keep: Optional[str] = None) -> list[str]:
+        """Unrecord the partials of a ``sample`` run but ``keep``; their paths, to remove once committed."""
+        stale = [(r.fingerprint, r.path) for r in checkpoints.partials(session, fingerprint) if r.fingerprint != keep]
+        for partial, _ in stale:
+            checkpoints.forget(session, partial)
+        return [path for _, path in stale]
 
     # Progress and stopping -------------------------------------------------------------------------
 
-    def _record_progress(self, session, job: Job, stage: str, step: Optional[int],
-                         steps_total: Optional[int]) -> None:
+    def _store_progress(self, session: Session, job: Job, stage: str, step: Optional[int],
+                        steps_total: Optional[int]) -> None:
         """Renew the lease and store the stage and step, in the caller's transaction."""
         if not jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow(),
                                 stage=stage, step=step, steps_total=steps_total):
             raise JobStopped("lease lost")
-        self.progress(_progress_text(job, stage, step, steps_total))
 
     def _should_stop(self, job: Job) -> bool:
         """A shutdown was asked for, or (looked up at most once a second) a cancel."""
@@ -366,13 +374,6 @@ class JobRunner:
         self._cancel_checked = now
         with self.db.begin() as session:
             return jobs.cancel_requested(session, job.id)
-
-    def _check_lease(self, job: Job) -> None:
-        """Renew the lease now; JobStopped when the job is no longer ours."""
-        with self.db.begin() as session:
-            ours = jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow())
-        if not ours:
-            raise JobStopped("lease lost")
 
     def _lost(self, job: Job) -> bool:
         """Whether another worker took the job over (our lease expired); then it is theirs to finish."""
@@ -431,41 +432,40 @@ class JobRunner:
         params = plan.params
         outbox = publish.outbox_for(self.settings, job.spec)
         with self.db.begin() as session:
-            reserved = jobs.get_job(session, job.id).output_name
+            # A worker that lost its job must not publish it too.
+            if not jobs.renew_lease(session, job.id, self.worker, self.settings.lease_seconds, utcnow()):
+                raise JobStopped("lease lost")
+            row = jobs.get_job(session, job.id)
+            reserved = row.output_name
             if reserved is None:
                 reserved = publish.choose_output_name(outbox, job.spec["output_name"], params.output_format)
                 jobs.reserve_output_name(session, job.id, reserved)
+            manifest = self._manifest(job, plan, row, checkpoints.runs_for(session, job.id))
+            keep_originals = jobs.siblings_unfinished(session, job.id, job.work_dir)
         text = {"parameters": json.dumps({"prompt": job.spec["prompt"], "negative_prompt": job.spec["negative_prompt"],
                                           "seed": job.spec["seed"], **params.model_dump(mode="json")},
                                          sort_keys=True),
                 "software": "qie-hotfolder"}
         data = publish.image_bytes(image, params.output_format, params.quality, text)
-        manifest = self._manifest(job, plan)
         manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]),
                               "format": params.output_format}
         result = publish.publish(outbox, reserved, data, params.output_format, manifest)
-        result["originals"] = self._archive(job)
+        result["originals"] = "kept for the other jobs of the same drop" if keep_originals else self._archive(job)
         return result
 
     def _archive(self, job: Job) -> str:
-        """Archive (or delete) the originals once no other job made from the same drop still needs them."""
-        with self.db.begin() as session:
-            if jobs.siblings_unfinished(session, job.id, job.work_dir):
-                return "kept for the other jobs of the same drop"
+        """Archive (or delete) the originals, which no other job made from the same drop still needs."""
         archived = publish.archive_originals(self.settings, job.id, job.name, Path(job.work_dir) / "originals")
         remove_empty_dirs(Path(job.work_dir))
         return str(archived) if archived else self.settings.originals
 
-    def _manifest(self, job: Job, plan: JobPlan) -> dict:
+    def _manifest(self, job: Job, plan: JobPlan, row: Job, runs: list) -> dict:
         engine = self.engine
-        with self.db.begin() as session:
-            runs = checkpoints.runs_for(session, job.id)
-            row = jobs.get_job(session, job.id)
-            stage_rows = [{"stage": r.stage, "fingerprint": r.fingerprint, "cache_hit": r.cache_hit,
-                           "duration_s": round(r.duration_s or 0.0, 4), "resumed_from_step": r.resumed_from_step,
-                           "device": r.device, "worker": r.worker, "checkpoint_sha256": r.checkpoint_sha256,
-                           "error": r.error, "at": r.started_at.isoformat(timespec="seconds") + "Z"}
-                          for r in runs]
+        stage_rows = [{"stage": r.stage, "fingerprint": r.fingerprint, "cache_hit": r.cache_hit,
+                       "duration_s": round(r.duration_s or 0.0, 4), "resumed_from_step": r.resumed_from_step,
+                       "device": r.device, "worker": r.worker, "checkpoint_sha256": r.checkpoint_sha256,
+                       "error": r.error, "at": r.started_at.isoformat(timespec="seconds") + "Z"}
+                      for r in runs]
         cache = getattr(engine, "cache", None)
         return {
             "job": {"id": job.id, "name": job.name, "source": job.source,
@@ -499,6 +499,40 @@ class JobRunner:
     def _unit_loads(self) -> Counter:
         """Models loaded since the current unit started."""
         return self._cache_loads() - self._unit_start_loads
+
+
+class StepRecorder:
+    """``on_step`` of a sample run: progress after every step, stored at most twice a second (the
+    heartbeat keeps the lease meanwhile, and the checkpoint follows the last step at once); a
+    partial when ``partial_interval`` seconds passed since the last one."""
+
+    def __init__(self, runner: JobRunner, job: Job, fingerprint: str, steps_total: Optional[int]):
+        self.runner = runner
+        self.job = job
+        self.fingerprint = fingerprint
+        self.steps_total = steps_total
+        self.wrote_partials = False
+        self._last_partial = self._last_stored = time.monotonic()
+
+    def __call__(self, step: int, state: Any) -> None:
+        now = time.monotonic()
+        settings = self.runner.settings
+        partial_due = bool(settings.save_partials and self.steps_total and step < self.steps_total
+                           and now - self._last_partial >= settings.partial_interval)
+        if partial_due or (step != self.steps_total and now - self._last_stored >= 0.5):
+            self.runner._store_step(self.job, self.fingerprint, step, self.steps_total,
+                                    state if partial_due else None)
+            self._last_stored = now
+            if partial_due:
+                self._last_partial = now
+                self.wrote_partials = True
+        self.runner.progress(_progress_text(self.job, "sample", step, self.steps_total))
+        fault_point(f"stage.sample.step{step}")
+
+
+def _unlink(paths: list[str]) -> None:
+    for path in paths:
+        Path(path).unlink(missing_ok=True)
 
 
 def _progress_text(job: Job, stage: str, step: Optional[int], steps_total: Optional[int]) -> str:

@@ -17,12 +17,15 @@ goes with the encoders that read it, ``publish`` with ``decode`` (``claimed_stag
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Callable, Iterable, Optional
 
+from sqlalchemy.orm import Session
+
 from config import Settings
-from db import Database, checkpoints, jobs
-from processor.runner import PUBLISH, JobRunner, Unit
+from db import Database, Job, checkpoints, jobs
+from processor.runner import PUBLISH, JobPlan, JobRunner, Unit
 from stages import STAGE_NAMES
 
 log = logging.getLogger(__name__)
@@ -51,6 +54,60 @@ def claimed_stages(names: Iterable[str]) -> set[str]:
     return wanted
 
 
+@dataclass
+class KnownJob:
+    """A claimable job as last read: the row, its plan (or why it has none), the fingerprints of
+    its chain that had a checkpoint, and the row's ``updated_at`` then."""
+
+    job: Job
+    plan: Optional[JobPlan]
+    error: Optional[Exception]
+    recorded: frozenset[str]
+    version: datetime
+
+
+class QueueView:
+    """The claimable jobs and their checkpoints, read again only where something changed.
+
+    Each look reads the ids and ``updated_at`` of the claimable jobs; only a job that is new to
+    the view, or whose row changed since (every claim, release and progress write changes it),
+    is read again with its checkpoints. So a unit costs the same with 1,000 jobs queued as with
+    ten. The recorded fingerprints of all jobs are pooled: a checkpoint one job records is seen
+    by every job that shares it (a seed sweep). A stale view costs at most a needless claim: the
+    runner finds and uses a checkpoint recorded meanwhile, or computes one that went missing.
+    """
+
+    def __init__(self, runner: JobRunner):
+        self.runner = runner
+        self._known: dict[int, KnownJob] = {}
+        self.recorded: set[str] = set()
+
+    def read(self, db: Database, now: datetime) -> list[KnownJob]:
+        """The claimable jobs, best first (priority, then age)."""
+        with db.begin() as session:
+            current = {row.id: row.updated_at for row in jobs.claimable(session, now)}
+            for gone in set(self._known) - set(current):
+                del self._known[gone]
+            new = [job_id for job_id in current if job_id not in self._known]
+            for job in jobs.jobs_by_id(session, new):
+                self._known[job.id] = self._planned(job)
+            changed = [self._known[job_id] for job_id, version in current.items()
+                       if job_id in self._known and (job_id in new or self._known[job_id].version != version)]
+            fingerprints = [fp for known in changed if known.plan for fp in known.plan.chain.values()]
+            found = checkpoints.existing(session, fingerprints)
+        for known in changed:
+            known.version = current[known.job.id]
+            known.recorded = frozenset(fp for fp in known.plan.chain.values() if fp in found) if known.plan else frozenset()
+        self.recorded = set().union(*(known.recorded for known in self._known.values()))
+        return [self._known[job_id] for job_id in current if job_id in self._known]
+
+    def _planned(self, job: Job) -> KnownJob:
+        try:
+            return KnownJob(job, self.runner.plan(job), None, frozenset(), job.updated_at)
+        except Exception as exc:  # noqa: BLE001 - the runner fails the job with this error
+            return KnownJob(job, None, exc, frozenset(), job.updated_at)
+
+
 class Scheduler:
     def __init__(self, settings: Settings, db: Database, worker: str, runner: JobRunner,
                  loaded_models: Callable[[], Iterable[str]], stages: Optional[set[str]] = None):
@@ -62,28 +119,19 @@ class Scheduler:
         self.stages = stages  # None: every stage
         self.last_stage: Optional[str] = None
         self.last_job: Optional[int] = None
+        self.queue = QueueView(runner)
 
     def ready_units(self, now: datetime) -> list[Unit]:
         """Every unit that could run now."""
-        with self.db.begin() as session:
-            queued = jobs.claimable(session, now)
+        queue = self.queue.read(self.db, now)
         units: list[Unit] = []
-        plans = {}
-        for job in queued:
-            try:
-                plans[job.id] = self.runner.plan(job)
-            except Exception as exc:  # noqa: BLE001 - the runner fails the job with this error
-                units.append(Unit(job, "prepare", (), exc))
-        fingerprints = [fp for plan in plans.values() for fp in plan.chain.values()]
-        with self.db.begin() as session:
-            recorded = checkpoints.existing(session, fingerprints)
-        for job in queued:
-            plan = plans.get(job.id)
-            if plan is None:
+        for known in queue:
+            if known.error is not None:
+                units.append(Unit(known.job, "prepare", (), known.error))
                 continue
-            for stage in self.runner.next_stages(plan, recorded):
+            for stage in self.runner.next_stages(known.plan, self.queue.recorded):
                 if self.stages is None or stage in self.stages:
-                    units.append(Unit(job, stage, self.runner.stage_models(stage)))
+                    units.append(Unit(known.job, stage, self.runner.stage_models(stage)))
         return units
 
     def order(self, units: list[Unit], now: datetime) -> list[Unit]:
@@ -109,28 +157,28 @@ class Scheduler:
         return sorted(units, key=key)
 
     def claim_next(self, now: datetime) -> Optional[Unit]:
-        """Claim and return the next unit to run, or None when nothing is due."""
+        """Claim and return the next unit to run, or None when nothing is due. The claim, the
+        check that the unit is still due and the opening of its run record are one transaction."""
         for unit in self.order(self.ready_units(now), now):
             with self.db.begin() as session:
                 if not jobs.claim(session, unit.job.id, self.worker, self.settings.lease_seconds, now):
                     continue
-            if self.db.shared and not self._still_due(unit):
-                with self.db.begin() as session:
+                if self.db.shared and not self._still_due(session, unit):
                     jobs.release_between_stages(session, unit.job.id, self.worker)
-                continue
+                    continue
+                self.runner.open_unit(session, unit)
             self.last_stage, self.last_job = unit.stage, unit.job.id
             return unit
         return None
 
-    def _still_due(self, unit: Unit) -> bool:
-        """Whether a claimed unit still has to run: another worker may have run the stage between
-        reading the queue and the claim (its checkpoint is recorded before the job is released,
-        so a claim that succeeds sees it)."""
+    def _still_due(self, session: Session, unit: Unit) -> bool:
+        """Whether a unit just claimed still has to run: another worker may have run the stage
+        between reading the queue and the claim (its checkpoint is recorded before the job is
+        released, so the claiming transaction sees it)."""
         if unit.error is not None or unit.stage == PUBLISH:
             return True
         plan = self.runner.plan(unit.job)
-        with self.db.begin() as session:
-            recorded = checkpoints.existing(session, list(plan.chain.values()))
+        recorded = checkpoints.existing(session, list(plan.chain.values()))
         return unit.stage in self.runner.next_stages(plan, recorded)
 
     def next_retry(self) -> Optional[datetime]:

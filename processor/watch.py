@@ -57,6 +57,16 @@ def choose_mode(configured: str, inbox: Path) -> str:
     return "native"
 
 
+def _completes(event: FileSystemEvent) -> bool:
+    """Whether the event tells that its file, or every file in its folder, has been written.
+
+    A new folder is watched only once its own event has been read: files written and closed in
+    it before then (a copy that outruns a busy daemon) send no close event, so they count as
+    closed when the folder's event arrives. Writes after that change their signature, which
+    voids the hint, and their close gives a new one."""
+    return event.event_type in ("closed", "moved") or (event.event_type == "created" and event.is_directory)
+
+
 class _Wake(FileSystemEventHandler):
     def __init__(self, wake: threading.Event, on_complete: Optional[Callable[[Path, float], None]]):
         self.wake = wake
@@ -66,12 +76,13 @@ class _Wake(FileSystemEventHandler):
         name = os.path.basename(os.fsdecode(event.dest_path or event.src_path))
         if event.event_type in ("opened", "closed_no_write") or (is_ignored(name) and not event.dest_path):
             return
-        if self.on_complete is not None and event.event_type in ("closed", "moved"):
+        if self.on_complete is not None and _completes(event):
             self._complete(Path(os.fsdecode(event.dest_path or event.src_path)), event.is_directory)
         self.wake.set()
 
     def _complete(self, path: Path, is_directory: bool) -> None:
-        """A file closed after writing, or renamed into place (with a folder: every file in it)."""
+        """A file closed after writing, or renamed into place; with a folder (renamed into place or
+        new): every file in it."""
         now = time.monotonic()
         files = [path] if not is_directory else [p for p in path.rglob("*") if p.is_file()][:1000]
         for file in files:

@@ -119,5 +119,19 @@ def compute(name: str, engine: Any, inputs: Mapping[str, Any], ctx: StageContext
         return engine.sample(inputs["prepare"], inputs["encode_latent"], inputs["encode_text"], ctx.params,
                              ctx.job.seed, resume, on_step, should_stop)
     if name == "decode":
-        return engine.decode(inputs["sample"], ctx.params)
+        decoded = engine.decode(inputs["sample"], ctx.params)
+        return {**decoded, "image": to_8bit(decoded["image"])}
     raise KeyError(f"unknown stage {name!r}")
+
+
+def to_8bit(image: Any) -> Any:
+    """The 8-bit pixels of a float [H, W, 3] 0..1 image (an 8-bit one is returned as it is).
+
+    ``decode``'s checkpoint holds these, the pixels every output format is encoded from: a
+    quarter of the float image's bytes to write, hash and read back, and the same output.
+    """
+    import torch
+
+    if image.dtype == torch.uint8:
+        return image
+    return (image.detach().to(torch.float32).cpu().clamp(0, 1) * 255.0).round().to(torch.uint8)

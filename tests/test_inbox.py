@@ -1,12 +1,20 @@
 """The inbox contract: what is a job, when it is ready, where its paths may point."""
 
+import json
 import os
+import threading
+import time
 from pathlib import Path
 
 import pytest
+from watchdog.events import DirCreatedEvent
 
-from config import JobFileError
+from config import JobFileError, load_settings
+from db import Database
 from processor.inbox import SettleTracker, find_candidates, is_ignored, resolve_inside, unique_path
+from processor.ingest import Ingestor
+from processor.watch import _Wake
+from tests.daemon import make_image, tiny_job
 
 
 @pytest.mark.parametrize("name", [".hidden.json", "photo.png.part", "job.json.tmp", "x.crdownload",
@@ -51,6 +59,19 @@ def test_a_file_is_settled_only_after_it_stopped_changing_for_the_settle_time(tm
     assert tracker.settled(path, now=3.0)       # unchanged for 2 s
 
 
+def test_files_written_into_a_new_folder_before_its_watch_count_as_closed(tmp_path):
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    (folder / "photo.png").write_bytes(b"x")
+    (folder / "job.json").write_text("{}")
+    tracker = SettleTracker(2.0, settle_after_close=0.5)
+    _Wake(threading.Event(), tracker.saw_close).dispatch(DirCreatedEvent(str(folder)))
+    (folder / "job.json").write_text('{"prompt": "still writing"}')
+    later = time.monotonic() + 0.5
+    assert tracker.settled(folder / "photo.png", now=later)
+    assert not tracker.settled(folder / "job.json", now=later)  # written after: its hint is void
+
+
 def test_a_missing_file_is_never_settled(tmp_path):
     assert not SettleTracker(0).settled(tmp_path / "nothing", now=0.0)
 
@@ -60,3 +81,17 @@ def test_name_clashes_get_a_suffix(tmp_path):
     (tmp_path / "out-1.json").write_bytes(b"x")
     assert unique_path(tmp_path, "out", (".png", ".json"))[1] == "out-2"
     assert unique_path(tmp_path, "new", (".png", ".json"))[1] == "new"
+
+
+def test_the_files_of_a_job_folder_settle_together_not_one_after_another(tmp_path):
+    settings = load_settings(None, inbox=tmp_path / "inbox", outbox=tmp_path / "outbox", failed=tmp_path / "failed",
+                             archive=tmp_path / "archive", work=tmp_path / "work", state=tmp_path / "state.db",
+                             settle_seconds=2.0)
+    folder = settings.inbox / "drop"
+    folder.mkdir(parents=True)
+    make_image(folder / "photo.png")
+    (folder / "job.json").write_text(json.dumps(tiny_job()))
+    ingestor = Ingestor(settings, Database(f"sqlite:///{settings.state}"))
+    assert ingestor.scan(now=100.0).ingested == []  # first sight of every file
+    assert ingestor.scan(now=101.0).ingested == []
+    assert len(ingestor.scan(now=102.0).ingested) == 1  # one settle time, not two
