@@ -63,7 +63,7 @@ class KnownJob:
     plan: Optional[JobPlan]
     error: Optional[Exception]
     recorded: frozenset[str]
-    version: datetime
+    version: Optional[datetime]  # None: not read yet
 
 
 class QueueView:
@@ -86,15 +86,12 @@ class QueueView:
         """The claimable jobs, best first (priority, then age)."""
         with db.begin() as session:
             current = {row.id: row.updated_at for row in jobs.claimable(session, now)}
-            for gone in set(self._known) - set(current):
-                del self._known[gone]
-            new = [job_id for job_id in current if job_id not in self._known]
-            for job in jobs.jobs_by_id(session, new):
+            self._known = {job_id: known for job_id, known in self._known.items() if job_id in current}
+            for job in jobs.jobs_by_id(session, [job_id for job_id in current if job_id not in self._known]):
                 self._known[job.id] = self._planned(job)
-            changed = [self._known[job_id] for job_id, version in current.items()
-                       if job_id in self._known and (job_id in new or self._known[job_id].version != version)]
-            fingerprints = [fp for known in changed if known.plan for fp in known.plan.chain.values()]
-            found = checkpoints.existing(session, fingerprints)
+            changed = [known for job_id, known in self._known.items() if known.version != current[job_id]]
+            found = checkpoints.existing(session, [fp for known in changed if known.plan
+                                                   for fp in known.plan.chain.values()])
         for known in changed:
             known.version = current[known.job.id]
             known.recorded = frozenset(fp for fp in known.plan.chain.values() if fp in found) if known.plan else frozenset()
@@ -102,10 +99,11 @@ class QueueView:
         return [self._known[job_id] for job_id in current if job_id in self._known]
 
     def _planned(self, job: Job) -> KnownJob:
+        """A job new to the view (its checkpoints are read with the changed ones)."""
         try:
-            return KnownJob(job, self.runner.plan(job), None, frozenset(), job.updated_at)
+            return KnownJob(job, self.runner.plan(job), None, frozenset(), None)
         except Exception as exc:  # noqa: BLE001 - the runner fails the job with this error
-            return KnownJob(job, None, exc, frozenset(), job.updated_at)
+            return KnownJob(job, None, exc, frozenset(), None)
 
 
 class Scheduler:

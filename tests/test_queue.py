@@ -1,12 +1,14 @@
 """The job queue in the database: one claimer wins, crashes are counted, poison jobs stop."""
 
 from datetime import timedelta
+from types import SimpleNamespace
 
 import pytest
 from sqlalchemy import inspect, text
 
-from db import Database, JobState, jobs, utcnow
+from db import Database, JobState, checkpoints, jobs, utcnow
 from db.database import DatabaseError, alembic_config
+from processor.scheduler import QueueView
 
 
 @pytest.fixture
@@ -102,3 +104,36 @@ def test_an_old_schema_is_refused_with_the_upgrade_command(tmp_path):
 
 def test_a_new_database_is_created_at_the_newest_schema(db):
     assert {"jobs", "stage_runs", "checkpoints", "events", "alembic_version"} <= set(inspect(db.engine).get_table_names())
+
+
+class PlanningRunner:
+    """Plans every job as a two-stage chain of made-up fingerprints, and notes what it planned."""
+
+    def __init__(self):
+        self.planned: list[int] = []
+
+    def plan(self, job):
+        self.planned.append(job.id)
+        return SimpleNamespace(chain={"prepare": f"prep-{job.name}", "encode_text": f"text-{job.name}"})
+
+
+def test_the_scheduler_reads_again_only_the_jobs_that_changed(db, monkeypatch):
+    ids = [new_job(db, f"job{i}") for i in range(3)]
+    looked_up: list[list[str]] = []
+    real_existing = checkpoints.existing
+    monkeypatch.setattr(checkpoints, "existing", lambda s, fps: looked_up.append(sorted(fps)) or real_existing(s, fps))
+    runner = PlanningRunner()
+    view = QueueView(runner)
+
+    assert [known.job.id for known in view.read(db, utcnow())] == ids
+    assert runner.planned == ids and len(looked_up[-1]) == 6
+    view.read(db, utcnow())
+    assert looked_up[-1] == [] and runner.planned == ids  # nothing changed: nothing read again
+
+    with db.begin() as session:  # a worker runs a stage of job 1 and hands it back
+        assert jobs.claim(session, ids[1], "w", 60, utcnow())
+        checkpoints.record(session, "prep-job1", "prepare", "/c/p", "0" * 64, 1)
+        jobs.release_between_stages(session, ids[1], "w")
+    view.read(db, utcnow())
+    assert looked_up[-1] == ["prep-job1", "text-job1"] and runner.planned == ids
+    assert view.recorded == {"prep-job1"}
