@@ -207,12 +207,12 @@ class JobRunner:
             decoded = self._obtain("decode", job, plan)
         else:
             inputs = {read: self._obtain(read, job, plan) for read in BY_NAME[stage].reads}
-            if stage != "decode":
-                # The checkpoint is recorded and the job handed back to the queue at once.
-                self._compute(stage, job, plan, inputs, unit.run_id,
-                              then=lambda session: jobs.release_between_stages(session, job.id, self.worker))
+            # Before decode, the job goes back to the queue in the transaction that records the checkpoint.
+            hand_back = None if stage == "decode" else (
+                lambda session: jobs.release_between_stages(session, job.id, self.worker))
+            decoded = self._compute(stage, job, plan, inputs, unit.run_id, then=hand_back)
+            if hand_back is not None:
                 return "queued"
-            decoded = self._compute(stage, job, plan, inputs, unit.run_id)
         result = self._publish(job, plan, decoded["image"])
         with self.db.begin() as session:
             jobs.mark_done(session, job.id, self.worker, result)

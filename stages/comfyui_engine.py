@@ -332,23 +332,21 @@ class ComfyUIEngine:
 
     def _vae(self) -> Any:
         name = self.settings.vae_name
-
-        def load() -> _Loaded:
-            vae = self._call(mapping.vae_loader(name))
-            return _Loaded(vae, getattr(vae, "first_stage_model", None))
-
-        key = mapping.cache_key("vae", self._identify("vae", name))
-        return self.cache.get(key, load, "vae").value
+        return self._model_file("vae", name, mapping.vae_loader(name), "first_stage_model")
 
     def _text_encoder(self) -> Any:
         name = self.settings.text_encoder_name
+        return self._model_file("text_encoder", name, mapping.clip_loader(name), "cond_stage_model")
+
+    def _model_file(self, role: str, name: str, loader: NodeCall, torch_module: str) -> Any:
+        """The model that ``loader`` makes from the file ``name``, cached under the file's identity;
+        ``torch_module`` names its attribute that holds the weights (for the cache's size)."""
 
         def load() -> _Loaded:
-            clip = self._call(mapping.clip_loader(name))
-            return _Loaded(clip, getattr(clip, "cond_stage_model", None))
+            loaded = self._call(loader)
+            return _Loaded(loaded, getattr(loaded, torch_module, None))
 
-        key = mapping.cache_key("text_encoder", self._identify("text_encoder", name))
-        return self.cache.get(key, load, "text_encoder").value
+        return self.cache.get(mapping.cache_key(role, self._identify(role, name)), load, role).value
 
     def _transformer(self, params: StageParameters) -> Any:
         identity = self._transformer_identity(params)

@@ -13,6 +13,7 @@ import signal
 import threading
 import time
 from datetime import timedelta
+from typing import Callable, Optional
 
 import pytest
 
@@ -113,6 +114,19 @@ def wait_all_done(daemon, folders: PgFolders, names: set[str], timeout: float = 
                         what=f"{len(names)} jobs done")
     except AssertionError as exc:
         raise AssertionError(f"{exc}\njobs then: {folders.job_states()}") from None
+
+
+def run_jobs(folders: PgFolders, daemons: tuple, names: set[str],
+             images: Optional[Callable[[int], dict]] = None) -> None:
+    """Once every daemon is ready, drop one job per name (seeded by its place in sorted order),
+    wait until all are done, and stop every daemon cleanly."""
+    for daemon in daemons:
+        daemon.wait_ready()
+    for i, name in enumerate(sorted(names)):
+        folders.drop(name, tiny_job(seed=i), images=images(i) if images else None)
+    wait_all_done(daemons[0], folders, names)
+    for daemon in daemons:
+        assert daemon.stop() == 0
 
 
 # The schema ---------------------------------------------------------------------------------------
@@ -251,13 +265,8 @@ def test_the_ingest_lock_is_held_by_one_process_at_a_time(db, pg_url):
 def test_several_workers_share_the_queue_and_do_every_job_exactly_once(pg_folders: PgFolders):
     names = {f"job{i}" for i in range(6)}
     with pg_folders.serve() as server, pg_folders.worker() as second, pg_folders.worker() as third:
-        for daemon in (server, second, third):
-            daemon.wait_ready()
-        for i, name in enumerate(sorted(names)):  # each its own image: no checkpoint shared between jobs
-            pg_folders.drop(name, tiny_job(seed=i), images={"photo.png": (64 + 8 * i, 64)})
-        wait_all_done(server, pg_folders, names)
-        for daemon in (server, second, third):
-            assert daemon.stop() == 0
+        # each its own image: no checkpoint shared between jobs
+        run_jobs(pg_folders, (server, second, third), names, images=lambda i: {"photo.png": (64 + 8 * i, 64)})
 
     assert sorted(p.name for p in pg_folders.outbox.glob("*.png")) == sorted(f"{n}.png" for n in names)
     runs = computed_once(pg_folders)
@@ -274,12 +283,7 @@ def test_stage_workers_split_the_pipeline_through_the_shared_checkpoints(pg_fold
     names = {"a", "b", "c"}
     with pg_folders.worker("--ingest", "--stages", "encode_text,encode_latent,decode", QIE_THREADS="2") as small, \
             pg_folders.worker("--stages", "sample", QIE_THREADS="1") as big:
-        for daemon in (small, big):
-            daemon.wait_ready()
-        for i, name in enumerate(sorted(names)):
-            pg_folders.drop(name, tiny_job(seed=i))
-        wait_all_done(small, pg_folders, names)
-        assert small.stop() == 0 and big.stop() == 0
+        run_jobs(pg_folders, (small, big), names)
 
     host = os.uname().nodename
     small_name, big_name = f"{host}:{small.process.pid}", f"{host}:{big.process.pid}"
@@ -370,12 +374,7 @@ def test_a_stage_longer_than_the_lease_keeps_its_job_through_the_heartbeat(pg_fo
 def test_two_ingesting_daemons_make_each_dropped_job_once(pg_folders: PgFolders):
     names = {f"drop{i}" for i in range(8)}
     with pg_folders.serve() as first, pg_folders.serve() as second:
-        for daemon in (first, second):
-            daemon.wait_ready()
-        for i, name in enumerate(sorted(names)):
-            pg_folders.drop(name, tiny_job(seed=i))
-        wait_all_done(first, pg_folders, names)
-        assert first.stop() == 0 and second.stop() == 0
+        run_jobs(pg_folders, (first, second), names)
 
     assert sorted(n for (n,) in pg_folders.db_rows("SELECT name FROM jobs")) == sorted(names)
     assert sorted(p.name for p in pg_folders.outbox.glob("*.png")) == sorted(f"{n}.png" for n in names)
