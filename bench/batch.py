@@ -7,7 +7,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
@@ -33,10 +33,12 @@ def drop_jobs(inbox: Path, count: int, offset: int = 0, size: int = 64, **job: A
         folder.rename(inbox / f"job-{i:04d}")
 
 
-def settings_for(root: Path, model: Path, **overrides: Any):
+def settings_for(root: Path, model: Optional[Path], **overrides: Any):
+    """Settings for folders below ``root``, computing on the tiny diffusers ``model`` (None: the
+    fake engine)."""
     values = dict(inbox=root / "inbox", outbox=root / "outbox", failed=root / "failed", archive=root / "archive",
-                  work=root / "work", state=root / "state.db", model_path=model, settle_seconds=0, threads=1,
-                  log_level="WARNING")
+                  work=root / "work", state=root / "state.db", settle_seconds=0, threads=1, log_level="WARNING")
+    values.update(dict(engine="diffusers", model_path=model) if model is not None else dict(engine="fake"))
     values.update(overrides)
     return load_settings(None, **values)
 
@@ -58,7 +60,7 @@ class BatchResult:
     published: int
 
 
-def run_batch(root: Path, model: Path, count: int, **overrides: Any) -> BatchResult:
+def run_batch(root: Path, model: Optional[Path], count: int, **overrides: Any) -> BatchResult:
     """Drop ``count`` jobs, then process them all with one daemon; models start unloaded."""
     settings = settings_for(root, model, **overrides)
     drop_jobs(settings.inbox, count)
@@ -73,7 +75,7 @@ def run_batch(root: Path, model: Path, count: int, **overrides: Any) -> BatchRes
                        len(list(settings.outbox.glob("*.png"))))
 
 
-def model_sizes(root: Path, model: Path) -> dict[str, int]:
+def model_sizes(root: Path, model: Optional[Path]) -> dict[str, int]:
     """Bytes of each tiny model once loaded."""
     settings = settings_for(root, model)
     drop_jobs(settings.inbox, 1)

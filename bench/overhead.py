@@ -89,7 +89,7 @@ def through_daemon(model: Path, root: Path, count: int, threads: int, size: int,
     try:
         drain(daemon)
         drop_jobs(settings.inbox, count, 0, size, **job_values(size, steps))
-        daemon.wake.set()
+        daemon.intake.wake.set()
         commits.clear()
         with counting_fsyncs() as fsyncs:
             elapsed = drain(daemon)

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
@@ -22,6 +22,21 @@ DEFAULT_CONFIG_FILE = "qie-hotfolder.toml"
 
 class ConfigurationError(ValueError):
     """Settings that cannot work; raised at start-up, before anything is touched."""
+
+
+class FakeEngineSettings(BaseModel):
+    """The fake engine's knobs (``engine = "fake"``: tests and benchmarks, outputs are the inputs)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    unit_seconds: float = Field(0.0, ge=0, description="Seconds every stage takes (sampling spreads them over its steps).")
+    vae_bytes: int = Field(1_000_000, ge=1, description="Size of the fake VAE in the model cache.")
+    text_encoder_bytes: int = Field(4_000_000, ge=1, description="Size of the fake text encoder.")
+    transformer_bytes: int = Field(8_000_000, ge=1, description="Size of the fake diffusion model.")
+    available_loras: Optional[list[str]] = Field(None, description="LoRA names that exist (unset: every name).")
+
+    def model_bytes(self, role: str) -> int:
+        return int(getattr(self, f"{role}_bytes"))
 
 
 class Settings(BaseSettings):
@@ -52,7 +67,7 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(100_000_000, gt=0, description="Images with more pixels are rejected (decompression-bomb guard).")
 
     # Engine and models
-    engine: Literal["diffusers", "comfyui"] = Field("diffusers", description="Which library computes the stages.")
+    engine: Literal["diffusers", "comfyui", "fake"] = Field("diffusers", description="Which library computes the stages: `diffusers`, `comfyui`, or `fake` (tests and benchmarks: no model, the output is the input).")
     model_path: Optional[Path] = Field(None, description="diffusers-format Qwen-Image-Edit-2509 folder. Unset: the built-in tiny random model under `<work>/models/tiny` (outputs are noise).")
     lora_dir: Optional[Path] = Field(None, description="Folder of LoRA files for the diffusers engine. Default: `<model_path>/loras`.")
     comfyui_path: Optional[Path] = Field(None, description="ComfyUI checkout used as a library (engine `comfyui`).")
@@ -70,7 +85,8 @@ class Settings(BaseSettings):
     model_load_delay: float = Field(0.0, ge=0, description="Seconds added to every model load (benchmarks: imitate real model load times).")
 
     # Queue
-    scheduling: Literal["stage-major", "job-by-job"] = Field("stage-major", description="`stage-major`: run a stage for every ready job while its models are loaded; `job-by-job`: finish one job before the next.")
+    scheduling: Literal["auto", "stage-major", "job-by-job"] = Field("auto", description="`auto`: jobs in order when every model the queued work needs fits `model_memory_budget` together, else grouped by model in windows of `batch_window` jobs; `stage-major`: run a stage for every ready job while its models are loaded (fewest loads, latest first result); `job-by-job`: finish one job before the next.")
+    batch_window: int = Field(4, ge=1, le=1000, description="With `scheduling = \"auto\"` when the models do not fit together: how many jobs share each model load. Larger saves loads, smaller gives earlier results; no job waits behind more than one window of others.")
     max_wait: float = Field(600.0, gt=0, description="A job waiting longer than this (seconds since it was queued) runs before everything else.")
     max_attempts: int = Field(3, ge=1, description="Tries for a job whose errors are transient (out of memory, I/O, device).")
     retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")
@@ -95,6 +111,7 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="Log JSON lines instead of text.")
 
     defaults: StageParameters = Field(default_factory=StageParameters, description="Job parameter defaults (a job file's values win).")
+    fake: FakeEngineSettings = Field(default_factory=FakeEngineSettings, description="The fake engine's settings (tests and benchmarks).")
 
     @model_validator(mode="after")
     def _check(self) -> "Settings":
@@ -141,6 +158,11 @@ class Settings(BaseSettings):
                 "archive": self.archive, "work": self.work}
 
 
+# The settings that are also command-line flags (``--inbox``, ``--model-path``...), in the order
+# ``--help`` lists them; the CLI builds its flags, and ``install-service`` passes them on, from this.
+CLI_FLAGS = ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
+             "comfyui_path", "device", "dtype", "log_level", "log_json")
+
 _CONFIG_FILE: dict[str, Optional[Path]] = {"path": None}
 
 
@@ -163,9 +185,15 @@ def load_settings(config_file: Optional[os.PathLike[str] | str] = None, **overri
     return _absolute(settings)
 
 
+def path_settings() -> list[str]:
+    """The settings that hold one path."""
+    return [name for name, field in Settings.model_fields.items()
+            if field.annotation in (Path, Optional[Path])]
+
+
 def _absolute(settings: Settings) -> Settings:
     updates = {}
-    for name in ("inbox", "outbox", "failed", "archive", "work", "state", "model_path", "lora_dir", "comfyui_path"):
+    for name in path_settings():
         value = getattr(settings, name)
         if value is not None:
             updates[name] = Path(os.path.abspath(os.path.expanduser(value)))

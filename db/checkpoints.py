@@ -83,9 +83,14 @@ def partial_fingerprint(fingerprint: str, step: int) -> str:
     return f"{fingerprint}.step{step}"
 
 
+_PARTIALS = select(Checkpoint).where(Checkpoint.fingerprint > bindparam("after"),
+                                     Checkpoint.fingerprint < bindparam("before"))
+
+
 def partials(session: Session, fingerprint: str) -> list[Checkpoint]:
-    """The per-step partial checkpoints of a ``sample`` fingerprint, newest step first."""
-    rows = session.scalars(select(Checkpoint).where(Checkpoint.fingerprint.startswith(f"{fingerprint}.step")))
+    """The per-step partial checkpoints of a stepped stage's fingerprint, newest step first (a
+    range of the primary key: ``<fingerprint>.step<N>`` sorts between ``.step`` and ``.stepz``)."""
+    rows = session.scalars(_PARTIALS, {"after": f"{fingerprint}.step", "before": f"{fingerprint}.stepz"})
     return sorted(rows, key=partial_step, reverse=True)
 
 
@@ -114,6 +119,16 @@ def finish_run(session: Session, run_id: int, sha256: Optional[str], duration_s:
     it continued a partial."""
     session.execute(_FINISH_RUN, {"run": run_id, "sha256_": sha256, "duration_s_": duration_s,
                                   "resumed_from_step_": resumed_from_step, "error_": error, "now": utcnow()})
+
+
+def record_run(session: Session, job_id: int, stage: str, fingerprint: str, sha256: Optional[str], device: str,
+               worker: str, started_at: datetime, duration_s: float, resumed_from_step: Optional[int] = None,
+               error: Optional[str] = None) -> None:
+    """A finished computation of a stage (with its checkpoint's sha256, or the error that ended it)."""
+    session.execute(_START_RUN, {"job_id": job_id, "stage": stage, "fingerprint": fingerprint, "device": device,
+                                 "worker": worker, "cache_hit": False, "started_at": started_at,
+                                 "finished_at": utcnow(), "duration_s": duration_s, "checkpoint_sha256": sha256,
+                                 "resumed_from_step": resumed_from_step, "error": error})
 
 
 def record_hit(session: Session, job_id: int, stage: str, fingerprint: str, sha256: str,

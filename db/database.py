@@ -42,13 +42,15 @@ def alembic_config(url: str) -> Config:
     return config
 
 
-def create_db_engine(url: str) -> Engine:
+def create_db_engine(url: str, durable: bool = True) -> Engine:
+    """An engine for ``url``. ``durable=False`` (SQLite): its commits are not fsynced (WAL with
+    ``synchronous=NORMAL``), which survives a crash of the process but not of the machine."""
     if url.startswith("sqlite"):
         path = url.split("///", 1)[-1]
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30})
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas if durable else _sqlite_pragmas_normal)
         return engine
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "postgresql":
@@ -66,13 +68,17 @@ def _postgresql_session(dbapi_connection, _record) -> None:
     dbapi_connection.commit()
 
 
-def _sqlite_pragmas(dbapi_connection, _record) -> None:
+def _sqlite_pragmas(dbapi_connection, _record, synchronous: str = "FULL") -> None:
     cursor = dbapi_connection.cursor()
     cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute(f"PRAGMA synchronous={synchronous}")
     cursor.execute("PRAGMA foreign_keys=ON")
     cursor.execute("PRAGMA busy_timeout=30000")
     cursor.close()
+
+
+def _sqlite_pragmas_normal(dbapi_connection, record) -> None:
+    _sqlite_pragmas(dbapi_connection, record, "NORMAL")
 
 
 def head_revision() -> str:
@@ -125,6 +131,8 @@ class Database:
         with _schema_lock(self.engine):
             self._check_schema(create)
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._fast_engine: Optional[Engine] = None
+        self._fast_sessions: Optional[sessionmaker] = None
 
     @property
     def dialect(self) -> str:
@@ -170,12 +178,33 @@ class Database:
             f"the database {self.url} is at schema version {revision or 'unknown'}, this version "
             f"needs {head}. Back it up, then run: python run.py db-upgrade")
 
-    def begin(self):
-        """``with db.begin() as session:`` commits on success, rolls back on error."""
-        return self.sessions.begin()
+    def begin(self, durable: bool = True):
+        """``with db.begin() as session:`` commits on success, rolls back on error.
+
+        ``durable=False`` for what only informs (progress, leases): the commit survives a crash
+        of the process but may be lost with the machine's power, and costs no disk flush (SQLite:
+        a second connection with ``synchronous=NORMAL``; PostgreSQL: ``synchronous_commit`` off
+        for the transaction). A later durable commit makes it durable too."""
+        if durable:
+            return self.sessions.begin()
+        if self.dialect == "postgresql":
+            return _without_sync_commit(self.sessions)
+        if self._fast_sessions is None:
+            self._fast_engine = create_db_engine(self.url, durable=False)
+            self._fast_sessions = sessionmaker(self._fast_engine, expire_on_commit=False)
+        return self._fast_sessions.begin()
 
     def session(self) -> Session:
         return self.sessions()
 
     def close(self) -> None:
         self.engine.dispose()
+        if self._fast_engine is not None:
+            self._fast_engine.dispose()
+
+
+@contextmanager
+def _without_sync_commit(sessions: sessionmaker) -> Iterator[Session]:
+    with sessions.begin() as session:
+        session.execute(text("SET LOCAL synchronous_commit TO OFF"))
+        yield session

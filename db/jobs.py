@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
+from config.spec import InputFile, JobSpec, Published
 from db.schema import FINAL_STATES, Event, Job, JobState, utcnow
 
 # The statements of a unit of work, built once (building one costs more than running it, and a
@@ -45,6 +46,11 @@ _RENEW_WITH_PROGRESS = update(_jobs).where(*_HELD).values(
     lease_until=bindparam("until"), updated_at=bindparam("now"), stage=bindparam("stage_"),
     step=bindparam("step_"), steps_total=bindparam("steps_total_"))
 _RELEASE = update(_jobs).where(*_HELD).values(state=_QUEUED, claimed_by=None, lease_until=None, step=None)
+# The stage shown by a job whose results are being written while its worker computes another.
+FINISHING = "finishing"
+_FINISHING = update(_jobs).where(_jobs.c.claimed_by == bindparam("worker"), _jobs.c.state == _RUNNING,
+                                 _jobs.c.id != bindparam("job")).values(stage=FINISHING, step=None,
+                                                                         updated_at=bindparam("now"))
 
 
 class TransitionError(ValueError):
@@ -59,8 +65,8 @@ def add_event(session: Session, job_id: Optional[int], kind: str, message: str, 
     session.add(Event(job_id=job_id, kind=kind, message=message, level=level))
 
 
-def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: dict,
-               inputs: list, work_dir: str, priority: int = 0, preset: Optional[str] = None) -> Job:
+def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: JobSpec,
+               inputs: list[InputFile], work_dir: str, priority: int = 0, preset: Optional[str] = None) -> Job:
     job = Job(name=name[:255], source=source, ingest_key=ingest_key, spec=spec, inputs=inputs,
               work_dir=work_dir, priority=priority, preset=preset, state=JobState.QUEUED.value,
               inbox_cleared=False, attempts=0, crashes=0, cancel_requested=False)
@@ -124,7 +130,12 @@ def claim(session: Session, job_id: int, worker: str, lease_seconds: float, now:
     claim_ = _CLAIM["postgresql" if _dialect(session) == "postgresql" else "sqlite"]
     result = session.execute(claim_, {"job": job_id, "worker": worker, "now": now,
                                       "until": now + timedelta(seconds=lease_seconds)})
-    return result.rowcount == 1
+    if result.rowcount != 1:
+        return False
+    # The worker's other running jobs are only being finished (written, published) from now on:
+    # if the process dies, the crash is this job's, not theirs.
+    session.execute(_FINISHING, {"worker": worker, "job": job_id, "now": now})
+    return True
 
 
 def renew_lease(session: Session, job_id: int, worker: str, lease_seconds: float, now: datetime,
@@ -160,6 +171,13 @@ def reserve_output_name(session: Session, job_id: int, output_name: str) -> None
     session.execute(update(Job).where(Job.id == job_id).values(output_name=output_name))
 
 
+def reserved_output_names(session: Session, job_id: int, preset: Optional[str]) -> set[str]:
+    """Output names other jobs publishing into the same outbox folder have reserved."""
+    stmt = select(Job.output_name).where(Job.output_name.is_not(None), Job.id != job_id,
+                                         Job.preset.is_(None) if preset is None else Job.preset == preset)
+    return set(session.scalars(stmt))
+
+
 def _finish(session: Session, job_id: int, worker: str, state: JobState, **values) -> None:
     result = session.execute(
         update(Job).where(Job.id == job_id, Job.claimed_by == worker, Job.state == JobState.RUNNING.value)
@@ -168,9 +186,9 @@ def _finish(session: Session, job_id: int, worker: str, state: JobState, **value
         raise TransitionError(f"job {job_id} is no longer running for {worker}")
 
 
-def mark_done(session: Session, job_id: int, worker: str, result: dict) -> None:
+def mark_done(session: Session, job_id: int, worker: str, result: Published) -> None:
     _finish(session, job_id, worker, JobState.DONE, result=result, stage=None, step=None)
-    add_event(session, job_id, "done", f"published {result.get('image')}")
+    add_event(session, job_id, "done", f"published {result.image}")
 
 
 def mark_failed(session: Session, job_id: int, worker: str, error: str, kind: str) -> None:
@@ -214,8 +232,12 @@ def siblings_unfinished(session: Session, job_id: int, work_dir: str) -> bool:
 def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int) -> list[tuple[int, str]]:
     """Requeue running jobs whose worker died (``is_dead(claimed_by)``) or whose lease expired.
 
-    Each such job counts a crash; one that reached ``max_crashes`` is failed so that a job which
-    kills the process cannot stop the queue. Returns ``(job_id, new_state)`` pairs.
+    Each such job counts a crash, but one that was only ``finishing`` (its results being
+    written while its worker computed a job claimed after it): the crash was the other job's.
+    A job recovered as a bystander ``max_crashes`` times counts from then on, so that even a
+    job whose publishing kills the process cannot loop for ever. A job that reached
+    ``max_crashes`` is failed, so that a job which kills the process cannot stop the queue.
+    Returns ``(job_id, new_state)`` pairs.
 
     Several processes may recover at once (PostgreSQL): the rows are read ``FOR UPDATE SKIP
     LOCKED``, so each abandoned job is recovered (and its crash counted) by one of them, and a
@@ -224,11 +246,12 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
     stmt = select(Job).where(Job.state == JobState.RUNNING.value).with_for_update(skip_locked=True)
     changed = []
     for job in session.scalars(stmt):
-        expired = job.lease_until is None or job.lease_until < now
         dead = is_dead(job.claimed_by)
-        if not (expired or dead):
+        if not (dead or job.lease_until is None or job.lease_until < now):
             continue
-        job.crashes += 1
+        bystander = job.stage == FINISHING and _bystander_recoveries(session, job.id) < max_crashes
+        if not bystander:
+            job.crashes += 1
         where = f"during {job.stage}" + (f" step {job.step}" if job.step else "") if job.stage else "while claimed"
         if job.crashes >= max_crashes:
             job.state = JobState.FAILED.value
@@ -240,12 +263,21 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
             job.state = JobState.QUEUED.value
             how = "stopped" if dead else "lost its lease (no heartbeat)"
             add_event(session, job.id, "recovered",
-                      f"worker {job.claimed_by} {how} {where}; resuming from the last checkpoint",
-                      level="warning")
+                      f"worker {job.claimed_by} {how} {where}{BYSTANDER if bystander else ''}; "
+                      "resuming from the last checkpoint", level="warning")
         job.claimed_by = None
         job.lease_until = None
         changed.append((job.id, job.state))
     return changed
+
+
+BYSTANDER = " while it computed another job (no crash counted for this one)"
+
+
+def _bystander_recoveries(session: Session, job_id: int) -> int:
+    stmt = select(func.count()).select_from(Event).where(
+        Event.job_id == job_id, Event.kind == "recovered", Event.message.contains(BYSTANDER))
+    return int(session.scalar(stmt) or 0)
 
 
 def retry(session: Session, job_id: int) -> Job:

@@ -8,6 +8,9 @@ from typing import Optional
 
 from sqlalchemy import JSON, Boolean, DateTime, Float, ForeignKey, Index, Integer, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+from sqlalchemy.types import TypeDecorator
+
+from config.spec import InputFile, JobSpec, Published
 
 
 def utcnow() -> datetime:
@@ -27,6 +30,45 @@ class JobState(str, Enum):
 FINAL_STATES = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
 
 
+class SpecColumn(TypeDecorator):
+    """``jobs.spec``: a JobSpec in, a JobSpec out (older versions upgraded on the way)."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else JobSpec.from_stored(value).stored()
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else JobSpec.from_stored(value)
+
+
+class InputsColumn(TypeDecorator):
+    """``jobs.inputs``: a list of InputFile."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else [InputFile.model_validate(i).model_dump(mode="json") for i in value]
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else [InputFile.model_validate(i) for i in value]
+
+
+class PublishedColumn(TypeDecorator):
+    """``jobs.result``: a Published, or None before the job is done."""
+
+    impl = JSON
+    cache_ok = True
+
+    def process_bind_param(self, value, dialect):
+        return None if value is None else Published.model_validate(value).model_dump(mode="json")
+
+    def process_result_value(self, value, dialect):
+        return None if value is None else Published.model_validate(value)
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {datetime: DateTime(), dict: JSON, list: JSON}
 
@@ -40,8 +82,8 @@ class Job(Base):
     preset: Mapped[Optional[str]] = mapped_column(String(255), index=True)  # the preset folder it was dropped into
     ingest_key: Mapped[str] = mapped_column(String(64), index=True)
     inbox_cleared: Mapped[bool] = mapped_column(Boolean, default=False)
-    spec: Mapped[dict] = mapped_column(JSON)  # prompt, images, seed, effective parameters
-    inputs: Mapped[list] = mapped_column(JSON)  # [{key, name, sha256, size}]
+    spec: Mapped[JobSpec] = mapped_column(SpecColumn)  # prompt, images, seed, effective parameters
+    inputs: Mapped[list[InputFile]] = mapped_column(InputsColumn)
     work_dir: Mapped[str] = mapped_column(Text)
     state: Mapped[str] = mapped_column(String(16), default=JobState.QUEUED.value)
     stage: Mapped[Optional[str]] = mapped_column(String(32))
@@ -57,7 +99,7 @@ class Job(Base):
     claimed_by: Mapped[Optional[str]] = mapped_column(String(255))
     lease_until: Mapped[Optional[datetime]] = mapped_column()
     output_name: Mapped[Optional[str]] = mapped_column(Text)  # outbox base name, reserved before publishing
-    result: Mapped[Optional[dict]] = mapped_column(JSON)  # published files and their sha256
+    result: Mapped[Optional[Published]] = mapped_column(PublishedColumn)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[Optional[datetime]] = mapped_column()

@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from config import ConfigurationError, JobFileError, Settings, job_schema, load_settings, parse_job_file
+from config import CLI_FLAGS, ConfigurationError, JobFileError, Settings, job_schema, load_settings, parse_job_file
 
 log = logging.getLogger("qie")
 
@@ -39,30 +39,27 @@ class UserError(Exception):
 # Settings and logging ----------------------------------------------------------------------------
 
 def _common(parser: argparse.ArgumentParser) -> None:
+    """The settings flags, one per name in ``config.CLI_FLAGS``, described by the setting itself."""
     group = parser.add_argument_group("settings (override the config file and QIE_* variables)")
     group.add_argument("--config", metavar="FILE", help="TOML settings file (default: ./qie-hotfolder.toml if present)")
-    for flag, help_text in (("inbox", "inbox folder"), ("outbox", "outbox folder"), ("failed", "failed folder"),
-                            ("archive", "archive folder"), ("work", "work folder (checkpoints)"),
-                            ("state", "SQLite database file"), ("database-url", "SQLAlchemy database URL"),
-                            ("engine", "diffusers or comfyui"), ("model-path", "diffusers model folder"),
-                            ("comfyui-path", "ComfyUI checkout"), ("device", "auto, cpu, cuda, cuda:N"),
-                            ("dtype", "auto, float32, bfloat16, float16"), ("log-level", "DEBUG, INFO, WARNING, ERROR")):
-        group.add_argument(f"--{flag}", dest=flag.replace("-", "_"), metavar=flag.split("-")[-1].upper(), help=help_text)
-    group.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+    for name in CLI_FLAGS:
+        field = Settings.model_fields[name]
+        flag = f"--{name.replace('_', '-')}"
+        if field.annotation is bool:
+            group.add_argument(flag, dest=name, action="store_true", default=None, help=field.description)
+        else:
+            group.add_argument(flag, dest=name, metavar=name.rsplit("_", 1)[-1].upper(), help=field.description)
 
 
 def settings_from(args: argparse.Namespace, **extra: Any) -> Settings:
-    keys = ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
-            "comfyui_path", "device", "dtype", "log_level", "log_json")
-    overrides = {key: getattr(args, key, None) for key in keys}
+    overrides = {name: getattr(args, name, None) for name in CLI_FLAGS}
     overrides.update(extra)
     return load_settings(getattr(args, "config", None), **overrides)
 
 
 def setup_logging(settings: Settings) -> None:
-    """Text (or JSON lines with ``--log-json``) on standard error, tagged with job and stage."""
-    from processor.logs import configure
-    configure(settings.log_level, settings.log_json, sys.stderr)
+    from processor.logs import configure_for
+    configure_for(settings)
 
 
 def open_db(settings: Settings, create: bool = False):
@@ -322,13 +319,15 @@ def cmd_install_service(args: argparse.Namespace) -> int:
 def _setting_flags(args: argparse.Namespace, settings: Settings) -> list[str]:
     """The settings given as flags to this command, passed on to ``serve`` (paths made absolute)."""
     flags = []
-    for key in ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
-                "comfyui_path", "device", "dtype", "log_level"):
-        if getattr(args, key, None) is not None:
-            value = getattr(settings, key)
-            flags += [f"--{key.replace('_', '-')}", str(value.value if hasattr(value, "value") else value)]
-    if getattr(args, "log_json", None):
-        flags.append("--log-json")
+    for name in CLI_FLAGS:
+        if getattr(args, name, None) is None:
+            continue
+        value = getattr(settings, name)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(value, bool):
+            flags += [flag] if value else []
+        else:
+            flags += [flag, str(value.value if hasattr(value, "value") else value)]
     return flags
 
 

@@ -1,15 +1,29 @@
-"""The daemon: one process that watches, ingests, schedules and runs stages.
+"""The daemon: the compute loop, and the threads beside it.
+
+One thread owns the device: the compute loop (the main thread) takes the next unit of work from
+the scheduler and runs it. Everything else runs beside it and meets it through the database,
+the work folder and a few events, so a slow disk or a busy inbox never idles the card:
+
+- ``qie-ingest`` (``processor/ingest_loop.py``): watching, settling, hashing, copying and
+  recording new drops; a drop is queued within a second whatever the compute loop does;
+- ``qie-writer`` (``processor/writer.py``): checkpoint writes and records, publishing,
+  archiving, failure reports, giving jobs back to the queue;
+- ``qie-heartbeat`` (``processor/lease.py``): the leases of the jobs this worker holds, their
+  progress, cancel requests;
+- ``qie-housekeeper``: the status file for ``run.py status``, requeueing the jobs of workers
+  that died, retention.
 
 Signals only set flags; the loop acts on them. The first SIGTERM/SIGINT stops the running job
-at its next step boundary (its checkpoint is written, the job goes back to the queue) and the
-process exits 0; a second one exits at once, leaving the job to be resumed as after a crash.
+at its next step boundary (a partial of its last step is written, the job goes back to the
+queue), waits for the writer, and exits 0; a second one exits at once, leaving the job to be
+resumed as after a crash.
 
 The same class is ``run.py worker``: with ``stages`` it claims only units of those stages,
 without ``ingest`` it neither watches nor scans the inbox. With PostgreSQL several daemons
 share one queue and one work folder (docs/scaling.md): the folder lock is then shared (an
-SQLite daemon keeps it exclusive), one of them at a time scans the inbox, each renews the
-lease of the job it runs from a heartbeat thread, and every one of them periodically requeues
-jobs whose claimer died (its process is gone from this host, or its lease expired).
+SQLite daemon keeps it exclusive), one of them at a time scans the inbox, and every one of them
+periodically requeues jobs whose claimer died (its process is gone from this host, or its
+lease expired).
 """
 
 from __future__ import annotations
@@ -27,15 +41,18 @@ from typing import Any, Optional
 
 from config import Settings
 from db import Database, jobs, utcnow
-from processor import retention
-from processor.ingest import Ingestor, ScanResult
+from processor import files, retention
+from processor.ingest import Ingestor
+from processor.ingest_loop import IngestLoop
 from processor.lease import Heartbeat, is_dead
 from processor.logs import job_context, report_progress
+from processor.plan import Planner
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
+from processor.store import CheckpointStore
 from processor.systemd import Notifier
-from processor.watch import InboxWatcher, choose_mode
-from stages import ModelCache, create_engine
+from processor.writer import Writer
+from stages import Engine, ModelCache, create_engine
 from stages.model_cache import memory_budget
 
 log = logging.getLogger(__name__)
@@ -99,7 +116,7 @@ class FolderLock:
 def write_status_file(path: Path, status: dict) -> None:
     """Replace the status file (not fsynced: it is rewritten every second and only informs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = files.temporary_name(path, unique=False)
     tmp.write_text(json.dumps(status, indent=2))
     os.replace(tmp, path)
 
@@ -126,24 +143,23 @@ class Daemon:
         self.drain = drain  # with ``once``: exit only when no job is left to work on (workers)
         self.host = socket.gethostname()
         self.worker = f"{self.host}:{os.getpid()}"
-        self.heartbeat: Optional[Heartbeat] = None
-        self._next_recovery = 0.0
         self.stop = threading.Event()
-        self.wake = threading.Event()
+        self.work_arrived = threading.Event()
         self.lock = FolderLock(settings.work)
         self.db: Optional[Database] = None
         self.notifier = Notifier.from_environment()
         self.cache = ModelCache(settings.model_memory_budget, load_delay=settings.model_load_delay,
                                 on_load=self._on_model_load)
-        self._engine: Any = None
-        self._watcher: Optional[InboxWatcher] = None
-        self._next_scan = 0.0
-        self._inbox_alarm = False
+        self.writer = Writer()
+        self.intake: Optional[IngestLoop] = None
+        self._engine: Optional[Engine] = None
         self._signals = 0
-        self._status_written = 0.0
         self._stop_announced = False
         self._stop_lock = threading.Lock()
         self._doing: Optional[str] = None  # the last progress report, None when idle
+        self._housekeeper: Optional[threading.Thread] = None
+        self._housekeeper_stop = threading.Event()
+        self._next_recovery = 0.0
         self._next_gc = 0.0
 
     # Start-up -------------------------------------------------------------------------------
@@ -155,27 +171,45 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         self.lock.acquire(shared=not self.settings.url.startswith("sqlite"))
         self.db = Database(self.settings.url)
-        self.ingestor = Ingestor(self.settings, self.db)
-        self.runner = JobRunner(self.settings, self.db, self.engine, self.worker, self.stop, self._progress)
         self.heartbeat = Heartbeat(self.db, self.worker, self.settings.lease_seconds,
                                    stall_seconds=max(self.settings.model_load_timeout, self.settings.lease_seconds))
-        self.runner.lease_lost = self.heartbeat.lost.is_set
-        self.scheduler = Scheduler(self.settings, self.db, self.worker, self.runner, self.cache.loaded,
-                                   stages=self.stages)
+        self.planner = Planner(self.settings, self.engine, self.db.shared)
+        self.store = CheckpointStore(self.settings.work, self.db, self.writer)
+        self.runner = JobRunner(self.settings, self.db, self.engine, self.planner, self.store, self.writer,
+                                self.heartbeat, self.worker, self.stop, self._progress)
+        self.scheduler = Scheduler(self.settings, self.db, self.worker, self.planner, self.store, self.runner,
+                                   self.engine, stages=self.stages)
         if self.stages is not None and not self.db.shared:
             log.warning("a worker for some stages with SQLite: no other process can run the other stages "
                         "(several workers need PostgreSQL, see docs/scaling.md)")
+        self.writer.start()
+        self.heartbeat.start()
         self._recover()
         self._next_recovery = time.monotonic() + self.recovery_interval
-        if self.ingest and not self.once:
-            mode = choose_mode(self.settings.watch_mode, self.settings.inbox)
-            self._watcher = InboxWatcher(self.settings.inbox, mode, self.settings.poll_interval, self.wake,
-                                         on_complete=self.ingestor.tracker.saw_close)
-            self._watcher.start()
+        if self.ingest:
+            self.intake = IngestLoop(self.settings, self.db, Ingestor(self.settings, self.db),
+                                     on_ingested=self.work_arrived.set, watch=not self.once)
+        self._housekeeper = threading.Thread(target=self._housekeeping, name="qie-housekeeper", daemon=True)
+        self._housekeeper.start()
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
                  self.settings.outbox, self.settings.engine, self.worker,
                  ",".join(sorted(self.stages)) if self.stages is not None else "all",
                  "" if self.ingest else " (not ingesting)")
+
+    @property
+    def ingestor(self) -> Optional[Ingestor]:
+        return self.intake.ingestor if self.intake is not None else None
+
+    def engine(self) -> Engine:
+        """The engine, created (and its models found) on first use."""
+        if self._engine is None:
+            ensure_tiny_model(self.settings)
+            if self.cache.budget_bytes is None:
+                # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.
+                device = "cpu" if self.settings.engine in ("comfyui", "fake") else self.settings.device
+                self.cache.budget_bytes = memory_budget(device)
+            self._engine = create_engine(self.settings, self.cache)
+        return self._engine
 
     def _recover(self) -> None:
         """Requeue jobs whose claimer died: at start-up, then every ``recovery_interval`` seconds
@@ -189,19 +223,10 @@ class Daemon:
             with job_context(job_id, "recover"):
                 log.warning("job %d was running in a worker that stopped (or stopped renewing its lease); now %s",
                             job_id, state)
+        if changed:
+            self.work_arrived.set()
 
-    def engine(self):
-        """The engine, created (and its models found) on first use."""
-        if self._engine is None:
-            ensure_tiny_model(self.settings)
-            if self.cache.budget_bytes is None:
-                # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.
-                device = "cpu" if self.settings.engine == "comfyui" else self.settings.device
-                self.cache.budget_bytes = memory_budget(device)
-            self._engine = create_engine(self.settings, self.cache)
-        return self._engine
-
-    # The loop -------------------------------------------------------------------------------
+    # The compute loop -----------------------------------------------------------------------
 
     def serve(self) -> int:
         self._install_signal_handlers()
@@ -209,6 +234,8 @@ class Daemon:
         self.notifier.ready(f"ready: watching {self.settings.inbox}" if self.ingest else
                             f"ready: worker for {','.join(sorted(self.stages)) if self.stages else 'every stage'}")
         threading.Thread(target=self._announce_stop_when_asked, name="qie-stop-notice", daemon=True).start()
+        if self.intake is not None:
+            self.intake.start()
         try:
             while not self.stop.is_set():
                 try:
@@ -218,74 +245,34 @@ class Daemon:
                     self.stop.wait(1.0)
                     busy = False
                 self.notifier.watchdog()
-                if not self.stop.is_set():
-                    self._maybe_collect(time.monotonic())  # between units: nothing of ours is running
                 if self.once and not busy and not self._settling() and not self._work_left():
                     break
                 if not busy:
                     self._idle_status()
-                    self.wake.wait(self._wait_seconds())
+                    self.work_arrived.wait(self._wait_seconds())
+                    self.work_arrived.clear()
         finally:
             self._announce_stop()
             self.shutdown()
         return 0
 
     def tick(self, now: float) -> bool:
-        """One round: scan when due, then run one unit of work. True when one ran."""
-        if self.ingest and (self.wake.is_set() or now >= self._next_scan or self.ingestor.waiting):
-            self.wake.clear()
-            self._next_scan = now + self.settings.rescan_interval
-            # One daemon at a time scans (PostgreSQL: an advisory lock); the others skip and
-            # look again after ``poll_interval``.
-            with self.db.exclusive("ingest") as mine:
-                if mine:
-                    self._after_scan(self.ingestor.scan(now))
-                else:
-                    self._next_scan = now + self.settings.poll_interval
-        if now >= self._next_recovery:
-            self._next_recovery = now + self.recovery_interval
-            self._recover()
+        """One round: scan when due (when no ingest thread does it), then run one unit. True when
+        one ran."""
+        if self.intake is not None and not self.intake.running:
+            self.intake.scan_when_due(now)
         if self.stop.is_set():
             return False
-        unit = self.scheduler.claim_next(utcnow())
+        unit = self.scheduler.next_unit(utcnow())
+        if unit is None and self.writer.pending():
+            self.writer.flush()  # jobs given back or published meanwhile may make units ready
+            unit = self.scheduler.next_unit(utcnow())
         if unit is None:
             return False
         with job_context(unit.job.id, unit.stage):  # every log line of the unit names its job and stage
-            with self.heartbeat.holding(unit.job.id):
-                self.runner.run_unit(unit)
-        self._write_status()
+            outcome = self.runner.run(unit)
+        self.scheduler.finished(unit, outcome)
         return True
-
-    def _write_status(self, force: bool = False) -> None:
-        """``work/status/<worker>.json``: what this daemon does and holds, for ``run.py status``
-        (at most once a second; one file per daemon, since several may share a work folder)."""
-        now = time.monotonic()
-        if not force and now - self._status_written < 1.0:
-            return
-        self._status_written = now
-        status = {"worker": self.worker, "pid": os.getpid(), "updated_at": utcnow().isoformat() + "Z",
-                  "doing": self._doing, "scheduling": self.settings.scheduling,
-                  "models_loaded": {} if self._doing == "stopped" else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
-                  "model_cache": self.cache.stats.as_dict()}
-        write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
-
-    def _after_scan(self, result: ScanResult) -> None:
-        if result.inbox_missing:
-            if not self._inbox_alarm:
-                self._inbox_alarm = True
-                message = (f"the inbox {self.settings.inbox} is missing (share unmounted?); nothing is "
-                           "failed or deleted meanwhile, waiting for it to come back")
-                with self.db.begin() as session:
-                    jobs.add_event(session, None, "alarm", message, level="error")
-            log.error("ALARM: inbox %s is missing", self.settings.inbox)
-            return
-        if self._inbox_alarm:
-            self._inbox_alarm = False
-            log.warning("the inbox %s is back", self.settings.inbox)
-            with self.db.begin() as session:
-                jobs.add_event(session, None, "alarm", f"the inbox {self.settings.inbox} is back", level="warning")
-            if self._watcher is not None:
-                self._watcher.restart()
 
     @property
     def recovery_interval(self) -> float:
@@ -293,8 +280,11 @@ class Daemon:
         return min(max(self.settings.lease_seconds / 2, 0.5), 60.0)
 
     def _work_left(self) -> bool:
-        """``--once`` of a worker (``drain``): jobs are still running or due (perhaps in other
-        workers' stages, which will hand them on to ours). Always: a retry is scheduled."""
+        """``--once``: work is still pending in the writer, or (a worker, ``drain``) jobs are
+        still running or due (perhaps in other workers' stages, which will hand them on to ours).
+        Always: a retry is scheduled."""
+        if self.writer.pending():
+            return True
         if self.scheduler.next_retry() is not None:
             return True
         if not self.drain:
@@ -303,30 +293,36 @@ class Daemon:
             return jobs.unfinished_due(session, utcnow()) > 0
 
     def _settling(self) -> bool:
-        """Candidates that will become ready by waiting (not those waiting for a missing file)."""
-        return any(not w.missing for w in self.ingestor.waiting.values())
+        """The inbox is being looked at, or holds candidates that become ready by waiting."""
+        if self.intake is None:
+            return False
+        return not self.intake.idle() if self.intake.running else self.intake.settling()
 
     def _idle_timeout(self) -> float:
         timeout = self.settings.rescan_interval
-        if self.ingestor.waiting:
-            settle = min(self.settings.settle_seconds, self.settings.settle_after_close)
-            timeout = min(timeout, max(settle / 2, 0.05))
-        if self._inbox_alarm or self.db.shared or not self.ingest:
+        if self.intake is not None and self.once:
+            timeout = min(timeout, self.intake.idle_timeout(), 0.1)
+        if self.db.shared or not self.ingest:
             # Other processes change the queue too (or nothing here wakes this one): poll it.
             timeout = min(timeout, self.settings.poll_interval)
-        timeout = min(timeout, max(self._next_recovery - time.monotonic(), 0.05))
+        if self.writer.pending():
+            timeout = min(timeout, 0.05)
         retry = self.scheduler.next_retry()
         if retry is not None:
             timeout = min(timeout, max((retry - utcnow()).total_seconds(), 0.05))
-        return max(timeout, 0.05)
+        return max(timeout, 0.01)
+
+    def _wait_seconds(self) -> float:
+        """The idle wait, short enough for the next watchdog ping."""
+        ping = self.notifier.seconds_to_next_ping()
+        timeout = self._idle_timeout()
+        return max(min(timeout, ping), 0.01) if ping is not None else timeout
 
     def _progress(self, text: str) -> None:
         """The runner's progress ("job 3 (x): sample step 2/8"): systemd's STATUS= (a watchdog
         ping too), and the log or the terminal's progress bar. While draining after a stop, each
         report asks systemd for ``stop_timeout`` more."""
         self._doing = text
-        if self.heartbeat is not None:
-            self.heartbeat.beat()
         if self.stop.is_set():
             self._announce_stop()
             self.notifier.extend_timeout(self.settings.stop_timeout)
@@ -337,36 +333,52 @@ class Daemon:
     def _on_model_load(self, role: str) -> None:
         """A model load reports no progress for minutes: ask systemd for the time first."""
         log.info("loading the %s model", role)
-        if self.heartbeat is not None:
-            self.heartbeat.beat()
+        self.heartbeat.beat()
         self.notifier.extend_timeout(self.settings.model_load_timeout, f"loading the {role} model")
 
     def _idle_status(self) -> None:
         self._doing = None
-        self._write_status()
-        waiting = len(self.ingestor.waiting)
+        waiting = len(self.ingestor.waiting) if self.ingestor is not None else 0
         self.notifier.status(f"idle: watching {self.settings.inbox}"
                              + (f"; {waiting} job(s) in the inbox not ready yet" if waiting else ""))
 
-    def _wait_seconds(self) -> float:
-        """The idle wait, short enough for the next watchdog ping."""
-        ping = self.notifier.seconds_to_next_ping()
-        timeout = self._idle_timeout()
-        return max(min(timeout, ping), 0.01) if ping is not None else timeout
+    # Beside the loop: status file, recovery, retention ----------------------------------------
 
-    def _maybe_collect(self, now: float) -> None:
+    def _housekeeping(self) -> None:
+        while True:
+            now = time.monotonic()
+            for duty in (self._write_status, self._recover_when_due, self._collect_when_due):
+                try:
+                    duty(now)
+                except Exception:  # noqa: BLE001 - housekeeping must not stop the daemon
+                    log.exception("housekeeping (%s) failed; trying again later", duty.__name__.strip("_"))
+            if self._housekeeper_stop.wait(1.0):
+                return
+
+    def _write_status(self, _now: float = 0.0) -> None:
+        """``work/status/<worker>.json``: what this daemon does and holds, for ``run.py status``
+        (one file per daemon, since several may share a work folder)."""
+        stopped = self._doing == "stopped"
+        status = {"worker": self.worker, "pid": os.getpid(), "updated_at": utcnow().isoformat() + "Z",
+                  "doing": self._doing, "scheduling": self.settings.scheduling,
+                  "models_loaded": {} if stopped else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
+                  "model_cache": self.cache.stats.as_dict()}
+        write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
+
+    def _recover_when_due(self, now: float) -> None:
+        if now >= self._next_recovery:
+            self._next_recovery = now + self.recovery_interval
+            self._recover()
+
+    def _collect_when_due(self, now: float) -> None:
         """Retention, every ``gc_interval`` seconds (first right after start-up)."""
         if not self.settings.gc_interval or now < self._next_gc:
             return
         self._next_gc = now + self.settings.gc_interval
-        try:
-            with self.db.exclusive("retention") as mine:  # one daemon at a time cleans a shared work folder
-                if not mine:
-                    return
-                report = retention.collect(self.settings, self.db, utcnow())
-        except Exception:  # noqa: BLE001 - a failed clean-up must not stop the daemon
-            log.exception("clean-up failed; next try in %.0fs", self.settings.gc_interval)
-            return
+        with self.db.exclusive("retention") as mine:  # one daemon at a time cleans a shared work folder
+            if not mine:
+                return
+            report = retention.collect(self.settings, self.db, utcnow())
         if report.removed:
             log.info("clean-up: %s", report.summary())
 
@@ -384,7 +396,7 @@ class Daemon:
             os.write(2, b"second signal: exiting now; the running job resumes on the next start\n")
             os._exit(130)
         self.stop.set()
-        self.wake.set()
+        self.work_arrived.set()
 
     def _announce_stop_when_asked(self) -> None:
         """A signal handler only sets the flag; this thread tells systemd at once (the main
@@ -407,11 +419,17 @@ class Daemon:
             self.notifier.stopping("stopping: nothing left to do")
 
     def shutdown(self) -> None:
-        if self._watcher is not None:
-            self._watcher.stop()
+        if self.intake is not None:
+            self.intake.stop()
+        self._housekeeper_stop.set()
+        if self._housekeeper is not None:
+            self._housekeeper.join(timeout=30)
         if self.db is not None:
+            self.scheduler.release_held("stopped between stages; will resume")
+            self.writer.stop()
+            self.heartbeat.stop()
             self._doing = "stopped"
-            self._write_status(force=True)
+            self._write_status()
             self.db.close()
         self.lock.release()
         self.notifier.close()

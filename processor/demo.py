@@ -10,8 +10,8 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from config import load_settings
-from processor.cli import setup_logging
 from processor.daemon import Daemon
+from processor.logs import configure_for
 
 DEMO_JOB = {
     "prompt": "Make the sky purple and add a small moon",
@@ -37,7 +37,7 @@ def run_demo(folder: Path) -> int:
     settings = load_settings(None, inbox=folder / "inbox", outbox=folder / "outbox", failed=folder / "failed",
                              archive=folder / "archive", work=folder / "work", state=folder / "state.db",
                              settle_seconds=0.2)
-    setup_logging(settings)
+    configure_for(settings)
     job_folder = settings.inbox / ".demo-job"  # hidden while being written
     job_folder.mkdir(parents=True, exist_ok=True)
     sample_image(job_folder / "photo.png")

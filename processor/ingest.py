@@ -27,15 +27,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from config import (IMAGE_KEYS, JobFile, JobFileError, Settings, StageParameters, job_over_preset, parse_job_file,
-                    parse_preset)
+from config import (IMAGE_KEYS, InputFile, JobFile, JobFileError, JobSpec, Settings, StageParameters, job_over_preset,
+                    parse_job_file, parse_preset)
 from db import Database, jobs
 from processor import publish
+from processor.files import copy_durably, digest_file, fsync_dir
 from processor.faults import fault_point
 from processor.inbox import (PRESET_FILE, Candidate, SettleTracker, find_candidates, remove_empty_dirs,
                              resolve_inside)
 from processor.logs import job_context
-from stages.checkpoint import fsync_dir
 from stages.prepare import ImageError, load_image
 
 log = logging.getLogger(__name__)
@@ -239,24 +239,18 @@ class Ingestor:
             relative = stored_name(candidate, path)
             sha, size = copy_durably(path, originals / relative)
             label = next((k for k, p in images.items() if p == path), None)
-            inputs.append({"key": label, "name": relative, "sha256": sha, "size": size})
+            inputs.append(InputFile(key=label, name=relative, sha256=sha, size=size))
         fsync_dir(originals)
         fault_point("ingest.copied")
 
         seeds, seed_source = job_seeds(job)
         base_name = job.output_name or candidate.output_stem
-        spec = {
-            "job_file": job.model_dump(exclude_none=True, mode="json"),
-            "job_file_name": candidate.job_file.relative_to(candidate.folder).as_posix(),
-            "prompt": job.prompt,
-            "negative_prompt": job.negative_prompt,
-            "images": {k: stored_name(candidate, p) for k, p in images.items()},
-            "seed_source": seed_source,
-            "parameters": params.model_dump(mode="json"),
-            "is_folder": candidate.is_folder,
-            "preset": candidate.preset,
-            "outbox_subfolder": candidate.preset,
-        }
+        spec = dict(job_file=job.model_dump(exclude_none=True, mode="json"),
+                    job_file_name=candidate.job_file.relative_to(candidate.folder).as_posix(),
+                    prompt=job.prompt, negative_prompt=job.negative_prompt,
+                    images={k: stored_name(candidate, p) for k, p in images.items()}, seed_source=seed_source,
+                    parameters=params, is_folder=candidate.is_folder, preset=candidate.preset,
+                    outbox_subfolder=candidate.preset)
         # One job per seed: a seed sweep shares the originals and, through the fingerprints,
         # every checkpoint before ``sample``.
         with self.db.begin() as session:
@@ -264,7 +258,8 @@ class Ingestor:
             for seed in seeds:
                 suffix = f"-{seed}" if len(seeds) > 1 else ""
                 row = jobs.create_job(session, name=candidate.name + suffix, source=candidate.source,
-                                      ingest_key=key, spec={**spec, "seed": seed, "output_name": base_name + suffix},
+                                      ingest_key=key,
+                                      spec=JobSpec(**spec, seed=seed, output_name=base_name + suffix),
                                       inputs=inputs, work_dir=str(work_dir), priority=job.priority,
                                       preset=candidate.preset)
                 job_ids.append(row.id)
@@ -345,29 +340,5 @@ def ingest_key(candidate: Candidate, files: list[Path]) -> str:
     digest = hashlib.sha256(os.fsencode(candidate.source))
     for path in files:
         digest.update(os.fsencode(path.relative_to(candidate.folder).as_posix()) + b"\0")
-        digest.update(file_sha256(path).encode())
+        digest.update(digest_file(path).encode())
     return digest.hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def copy_durably(source: Path, target: Path) -> tuple[str, int]:
-    """Copy a file, fsync it, and return the sha256 and size of exactly the bytes copied."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    digest = hashlib.sha256()
-    size = 0
-    with open(source, "rb") as src, open(target, "wb") as dst:
-        while block := src.read(1 << 20):
-            digest.update(block)
-            dst.write(block)
-            size += len(block)
-        dst.flush()
-        os.fsync(dst.fileno())
-    shutil.copystat(source, target, follow_symlinks=False)
-    return digest.hexdigest(), size

@@ -1,15 +1,17 @@
 """Leases: the heartbeat that keeps a running unit's job, and which claimers count as dead.
 
-A claimed job carries ``claimed_by`` ("host:pid") and ``lease_until``. While a unit runs,
-``Heartbeat`` renews the lease from a thread every quarter of ``lease_seconds``, so a long
-model load or a stage without steps keeps its job; the runner also renews at the start of a
-stage and after every sampling step. If a renewal finds the job no longer ours (another
-process recovered it: this machine froze, or lost the database for longer than the lease),
-``lost`` is set and the runner stops at the next step boundary without publishing.
+A claimed job carries ``claimed_by`` ("host:pid") and ``lease_until``. ``Heartbeat`` renews the
+leases of every job this worker holds (the one computing, and those whose writes are still
+pending) from a thread every quarter of ``lease_seconds``, so a long model load or a stage
+without steps keeps its job. The same thread stores each job's progress (stage and step, at
+most twice a second) and reads cancel requests, so the compute loop never waits for the
+database between steps. If a renewal finds a job no longer ours (another process recovered
+it: this machine froze, or lost the database for longer than the lease), the job counts as
+``lost`` and the runner stops at the next step boundary without publishing.
 
-The heartbeat renews only while the unit shows signs of life (``beat()``: a progress report
-or a model load starting) at least every ``stall_seconds``: a process whose main thread hangs
-lets its lease run out, so another machine resumes the job, instead of holding it for ever.
+The heartbeat renews only while the worker shows signs of life (``beat()``: a progress report
+or a model load starting) at least every ``stall_seconds``: a process whose compute thread
+hangs lets its leases run out, so another machine resumes the jobs, instead of holding them.
 
 Who is dead (``is_dead``): a claimer on another machine only when its lease has expired
 (``recover_abandoned`` checks that); on this machine at once when its process is gone, and,
@@ -23,8 +25,8 @@ import logging
 import os
 import threading
 import time
-from contextlib import contextmanager
-from typing import Iterator, Optional
+from dataclasses import dataclass
+from typing import Optional
 
 from db import Database, jobs, utcnow
 
@@ -59,58 +61,151 @@ def is_dead(claimed_by: Optional[str], me: str, host: str, exclusive: bool) -> b
     return not (pid.isdigit() and pid_alive(int(pid)))
 
 
+@dataclass
+class Held:
+    """A job this worker holds: its latest progress and what the last renewal learnt."""
+
+    progress: Optional[tuple[str, Optional[int], Optional[int]]] = None  # stage, step, steps_total
+    stored: Optional[tuple[str, Optional[int], Optional[int]]] = None
+    cancel_requested: bool = False
+    lost: bool = False
+
+
 class Heartbeat:
+    """Renews the leases of the jobs this worker holds from a thread, stores their progress (at
+    most twice a second) and learns of cancel requests, so that the compute loop itself never
+    waits for the database between steps."""
+
     def __init__(self, db: Database, worker: str, lease_seconds: float, stall_seconds: float,
-                 interval: Optional[float] = None):
+                 interval: Optional[float] = None, progress_interval: float = 0.5):
         self.db = db
         self.worker = worker
         self.lease_seconds = lease_seconds
         self.stall_seconds = stall_seconds
         self.interval = interval if interval is not None else max(lease_seconds / 4, 0.1)
-        self.lost = threading.Event()
+        self.progress_interval = progress_interval
+        self._held: dict[int, Held] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
         self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
         self._last_sign = time.monotonic()
+        self._last_renewal = 0.0
         self.renewals = 0
 
+    # What the compute loop tells --------------------------------------------------------------
+
     def beat(self) -> None:
-        """The unit shows progress: keep renewing."""
+        """The worker shows signs of life: keep renewing."""
         self._last_sign = time.monotonic()
 
-    @contextmanager
-    def holding(self, job_id: int) -> Iterator["Heartbeat"]:
-        """Renew the lease of ``job_id`` in a thread while the block runs."""
-        self.lost.clear()
-        self._stop.clear()
+    def hold(self, job_id: int) -> None:
+        with self._lock:
+            self._held.setdefault(job_id, Held())
         self.beat()
-        thread = threading.Thread(target=self._run, args=(job_id,), name=f"qie-heartbeat-{job_id}", daemon=True)
-        thread.start()
-        try:
-            yield self
-        finally:
-            self._stop.set()
-            thread.join()
 
-    def _run(self, job_id: int) -> None:
+    def drop(self, job_id: int) -> None:
+        with self._lock:
+            self._held.pop(job_id, None)
+
+    def progress(self, job_id: int, stage: str, step: Optional[int], steps_total: Optional[int]) -> None:
+        """The job's current stage and step, stored by the thread: a new stage at once (so that a
+        crash in it is counted for this job and stage), steps at most every ``progress_interval``."""
+        self.beat()
+        with self._lock:
+            held = self._held.get(job_id)
+            if held is None:
+                return
+            new_stage = held.progress is None or held.progress[0] != stage
+            held.progress = (stage, step, steps_total)
+        if new_stage:
+            self._wake.set()
+
+    # What the compute loop asks ---------------------------------------------------------------
+
+    def cancel_requested(self, job_id: int) -> bool:
+        with self._lock:
+            held = self._held.get(job_id)
+            return held is not None and held.cancel_requested
+
+    def lost(self, job_id: int) -> bool:
+        with self._lock:
+            held = self._held.get(job_id)
+            return held is not None and held.lost
+
+    def stage_of(self, job_id: int) -> Optional[str]:
+        """The stage last reported for a held job."""
+        with self._lock:
+            held = self._held.get(job_id)
+            return held.progress[0] if held is not None and held.progress else None
+
+    def held(self) -> list[int]:
+        with self._lock:
+            return list(self._held)
+
+    # The thread -------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stop.clear()
+            self._thread = threading.Thread(target=self._run, name="qie-heartbeat", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
         stalled = False
-        while not self._stop.wait(self.interval):
+        while not self._stop.is_set():
+            self._wake.wait(self.progress_interval)
+            self._wake.clear()
+            if self._stop.is_set():
+                return
             silent = time.monotonic() - self._last_sign
             if silent > self.stall_seconds:
-                if not stalled:
+                if not stalled and self.held():
                     stalled = True
-                    log.error("job %d: no progress for %.0f s; no longer renewing its lease, so that another "
-                              "worker can take it over", job_id, silent)
+                    log.error("no progress for %.0f s; no longer renewing the leases of jobs %s, so that another "
+                              "worker can take them over", silent, ", ".join(map(str, self.held())))
                 continue
             stalled = False
             try:
-                with self.db.begin() as session:
-                    ours = jobs.renew_lease(session, job_id, self.worker, self.lease_seconds, utcnow())
+                self.tick(time.monotonic())
             except Exception as exc:  # noqa: BLE001 - the database may be back at the next beat
-                log.warning("job %d: could not renew the lease (%s); retrying in %.1f s", job_id, exc, self.interval)
-                continue
-            if not ours:
-                if not self._stop.is_set():  # else the unit has just given the job back itself
-                    log.warning("job %d: lease lost (another worker took it over); stopping at the next step",
-                                job_id)
-                self.lost.set()
-                return
+                log.warning("could not renew the leases (%s); retrying in %.1f s", exc, self.progress_interval)
+
+    def tick(self, now: float) -> None:
+        """One round: store changed progress, renew the leases when due, read cancel requests."""
+        with self._lock:
+            held = {job_id: (h.progress, h.stored) for job_id, h in self._held.items()}
+        renew = now - self._last_renewal >= self.interval
+        changed = {job_id for job_id, (progress, stored) in held.items() if progress is not None and progress != stored}
+        if not held or not (renew or changed):
+            return
+        verdicts: dict[int, tuple[bool, bool]] = {}
+        with self.db.begin(durable=False) as session:
+            for job_id, (progress, _) in held.items():
+                if not (renew or job_id in changed):
+                    continue
+                stage, step, total = progress if job_id in changed else (None, None, None)
+                ours = jobs.renew_lease(session, job_id, self.worker, self.lease_seconds, utcnow(),
+                                        stage=stage, step=step, steps_total=total)
+                verdicts[job_id] = (ours, ours and jobs.cancel_requested(session, job_id))
+        if renew:
+            self._last_renewal = now
             self.renewals += 1
+        with self._lock:
+            for job_id, (ours, cancel) in verdicts.items():
+                item = self._held.get(job_id)
+                if item is None:
+                    continue
+                if job_id in changed:
+                    item.stored = held[job_id][0]
+                item.cancel_requested = cancel
+                if not ours and not item.lost:
+                    item.lost = True
+                    log.warning("job %d: lease lost (another worker took it over); stopping at the next step", job_id)

@@ -23,7 +23,10 @@ import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
 from datetime import datetime
-from typing import Iterator, Optional, TextIO
+from typing import TYPE_CHECKING, Iterator, Optional, TextIO
+
+if TYPE_CHECKING:
+    from config import Settings
 
 _current: ContextVar[Optional[tuple[int, Optional[str]]]] = ContextVar("qie_job", default=None)
 
@@ -141,6 +144,12 @@ def configure(level: str = "INFO", json_lines: bool = False, stream: Optional[Te
         # Library progress bars (model loading) are noise in the journal and break JSON lines.
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     return handler
+
+
+def configure_for(settings: "Settings") -> logging.Handler:
+    """Logging as the settings say: text (or JSON lines with ``log_json``) on standard error,
+    tagged with job and stage."""
+    return configure(settings.log_level, settings.log_json, sys.stderr)
 
 
 def _is_terminal(stream: TextIO) -> bool:

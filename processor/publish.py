@@ -1,10 +1,11 @@
-"""The outbox, failed/ and archive/ contracts.
+"""The outbox, failed/ and archive/ contracts, and publishing a finished job.
 
 - outbox: ``<name>.<png|jpg|webp>`` then ``<name>.json`` (the manifest), each written under a
-  hidden temporary name beside the target and renamed into place, so a watcher downstream
-  never sees half a file. A name already taken gets a suffix (``name-1``), never an overwrite;
-  the chosen name is reserved in the database first, so a publish repeated after a crash
-  rewrites the same files instead of making a duplicate.
+  hidden temporary name beside the target and moved into place only if the name is free, so a
+  watcher downstream never sees half a file and no file is ever replaced. The name is chosen
+  free of existing files and of every name another job has reserved, and reserved in the
+  database before anything is written, so a publish repeated after a crash writes the same
+  files (and recognises its own image by its sha256) instead of making a duplicate.
 - failed: ``<name>.error.json`` and a folder ``<name>/`` with the job's original files.
 - archive: a folder ``<job id>-<name>/`` with the original files of a finished job.
 
@@ -20,27 +21,39 @@ import json
 import logging
 import os
 import shutil
+from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-import torch
-from PIL import Image, PngImagePlugin
+import numpy as np
 
-from config import Settings
+from config import JobSpec, Published, Settings
+from db import Database, Job, checkpoints, jobs, utcnow
+from processor import files
 from processor.faults import fault_point
-from processor.inbox import move_files, unique_path
-from stages.checkpoint import sha256_bytes, write_atomic
-from stages.definitions import to_8bit
+from processor.inbox import move_files, remove_empty_dirs, unique_path
+from processor.manifest import build_manifest
+from processor.plan import FINAL, JobPlan
+from stages import Engine
 
 log = logging.getLogger(__name__)
 
 EXTENSIONS = {"png": ".png", "jpg": ".jpg", "webp": ".webp"}
 
 
-def image_bytes(image: torch.Tensor, output_format: str, quality: int, text: dict[str, str]) -> bytes:
-    """Encode an [H, W, 3] image, 8-bit or float 0..1; PNGs carry ``text`` as tEXt chunks."""
-    picture = Image.fromarray(to_8bit(image).numpy(), "RGB")
+class LeaseLost(Exception):
+    """Another worker took the job over before it was published."""
+
+
+def image_bytes(image: Any, output_format: str, quality: int, text: dict[str, str]) -> bytes:
+    """Encode an [H, W, 3] uint8 image; PNGs carry ``text`` as tEXt chunks."""
+    from PIL import Image, PngImagePlugin
+
+    pixels = np.asarray(image)
+    if pixels.dtype != np.uint8:
+        raise ValueError(f"the image to publish must be 8-bit, not {pixels.dtype}")
+    picture = Image.fromarray(pixels, "RGB")
     buffer = io.BytesIO()
     if output_format == "png":
         info = PngImagePlugin.PngInfo()
@@ -56,66 +69,169 @@ def image_bytes(image: torch.Tensor, output_format: str, quality: int, text: dic
     return buffer.getvalue()
 
 
-def outbox_for(settings: Settings, spec: dict[str, Any]) -> Path:
+def outbox_for(settings: Settings, spec: JobSpec) -> Path:
     """The folder a job publishes into: the outbox, or its preset's sub-folder of it."""
-    subfolder = spec.get("outbox_subfolder")
-    return settings.outbox / subfolder if subfolder else settings.outbox
+    return settings.outbox / spec.outbox_subfolder if spec.outbox_subfolder else settings.outbox
 
 
-def choose_output_name(outbox: Path, wanted: str, output_format: str) -> str:
-    """A base name free for both the image and the manifest."""
-    _, name = unique_path(outbox, wanted, (EXTENSIONS[output_format], ".json"))
+def choose_output_name(outbox: Path, wanted: str, output_format: str, reserved: Iterable[str] = ()) -> str:
+    """A base name free for both the image and the manifest, and not reserved by another job."""
+    taken = set(reserved)
+    counter = 0
+    while True:
+        name = wanted if counter == 0 else f"{wanted}-{counter}"
+        if name not in taken and not any(os.path.lexists(outbox / f"{name}{suffix}")
+                                         for suffix in (EXTENSIONS[output_format], ".json")):
+            return name
+        counter += 1
+
+
+# Publishing a job -------------------------------------------------------------------------------
+
+def publish_job(settings: Settings, db: Database, worker: str, job: Job, plan: JobPlan, final: Any,
+                engine: Engine, model_loads: dict[str, int]) -> Published:
+    """Publish a job's final result into the outbox, archive its originals, mark it done."""
+    spec = job.spec
+    params = plan.params
+    outbox = outbox_for(settings, spec)
+    with db.begin() as session:
+        if not jobs.renew_lease(session, job.id, worker, settings.lease_seconds, utcnow()):
+            raise LeaseLost(job.id)
+        row = jobs.get_job(session, job.id)
+        name = row.output_name or _reserve(session, job, outbox, spec.output_name, params.output_format)
+        runs = checkpoints.runs_for(session, job.id)
+        keep_originals = jobs.siblings_unfinished(session, job.id, job.work_dir)
+        attempts, crashes = row.attempts, row.crashes
+    image = final["image"]
+    text = {"parameters": json.dumps({"prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
+                                      "seed": spec.seed, **params.model_dump(mode="json")}, sort_keys=True),
+            "software": "qie-hotfolder"}
+    data = image_bytes(image, params.output_format, params.quality, text)
+    manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads)
+    manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": params.output_format}
+    written = _write_outputs(db, job, outbox, name, data, params.output_format, manifest)
+    originals = "kept for the other jobs of the same drop" if keep_originals else _archive(settings, job)
+    result = Published(image=str(written["image"]), manifest=str(written["manifest"]), sha256=written["sha256"],
+                       originals=originals)
+    with db.begin() as session:
+        jobs.mark_done(session, job.id, worker, result)
+    log.info("job %d done: %s", job.id, result.image)
+    return result
+
+
+def _reserve(session: Any, job: Job, outbox: Path, wanted: str, output_format: str) -> str:
+    name = choose_output_name(outbox, wanted, output_format,
+                              jobs.reserved_output_names(session, job.id, job.spec.outbox_subfolder))
+    jobs.reserve_output_name(session, job.id, name)
     return name
 
 
-def publish(outbox: Path, name: str, image: bytes, output_format: str, manifest: dict[str, Any]) -> dict[str, str]:
-    """Write image then manifest into the outbox under the reserved ``name``."""
+def _write_outputs(db: Database, job: Job, outbox: Path, name: str, image: bytes, output_format: str,
+                   manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write image then manifest under ``name`` without replacing anything that is not this
+    job's own earlier attempt; a name taken meanwhile by a file of someone else's moves the job
+    to the next free name (reserved anew)."""
     outbox.mkdir(parents=True, exist_ok=True)
-    image_path = outbox / f"{name}{EXTENSIONS[output_format]}"
-    manifest_path = outbox / f"{name}.json"
-    # The name is reserved for this job, so nobody else writes it: a fixed temporary name means
-    # that a publish repeated after a crash replaces the leftover of the first attempt.
-    fault_point("publish.write")
-    write_atomic(image_path, image, before_rename=lambda: fault_point("publish.rename"), shared=False)
-    fault_point("publish.image")
-    manifest = {**manifest, "output": {**manifest.get("output", {}), "file": image_path.name,
-                                       "sha256": sha256_bytes(image), "bytes": len(image)}}
-    write_atomic(manifest_path, (json.dumps(manifest, indent=2, sort_keys=False) + "\n").encode(), shared=False)
-    fault_point("publish.manifest")
-    return {"image": str(image_path), "manifest": str(manifest_path), "sha256": sha256_bytes(image)}
+    sha = files.digest_bytes(image)
+    while True:
+        image_path = outbox / f"{name}{EXTENSIONS[output_format]}"
+        manifest_path = outbox / f"{name}.json"
+        fault_point("publish.write")
+        try:
+            files.write_new(image_path, image, unique=False, before_rename=lambda: fault_point("publish.rename"))
+        except FileExistsError:
+            if not _is_ours(image_path, sha):
+                name = _move_on(db, job, outbox, name, output_format, image_path)
+                continue
+        fault_point("publish.image")
+        document = {**manifest, "output": {**manifest.get("output", {}), "file": image_path.name,
+                                           "sha256": sha, "bytes": len(image)}}
+        data = (json.dumps(document, indent=2) + "\n").encode()
+        try:
+            files.write_new(manifest_path, data, unique=False)
+        except FileExistsError:
+            if not _is_our_manifest(manifest_path, job.id, sha):
+                name = _move_on(db, job, outbox, name, output_format, manifest_path)
+                continue
+            files.write_atomic(manifest_path, data, unique=False)  # ours, from an attempt a crash cut short
+        fault_point("publish.manifest")
+        return {"image": image_path, "manifest": manifest_path, "sha256": sha}
+
+
+def _is_ours(path: Path, sha: str) -> bool:
+    try:
+        return files.digest_file(path) == sha
+    except OSError:
+        return False
+
+
+def _is_our_manifest(path: Path, job_id: int, sha: str) -> bool:
+    try:
+        document = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return document.get("job", {}).get("id") == job_id and document.get("output", {}).get("sha256") == sha
+
+
+def _move_on(db: Database, job: Job, outbox: Path, name: str, output_format: str, taken: Path) -> str:
+    log.warning("job %d: %s appeared in the outbox before this job published; publishing under another name",
+                job.id, taken.name)
+    with db.begin() as session:
+        return _reserve(session, job, outbox, name, output_format)
+
+
+def _archive(settings: Settings, job: Job) -> str:
+    """Archive (or delete) the originals, which no other job made from the same drop still needs."""
+    archived = archive_originals(settings, job.id, job.name, Path(job.work_dir) / "originals")
+    remove_empty_dirs(Path(job.work_dir))
+    return str(archived) if archived else settings.originals
+
+
+# failed/ and archive/ ---------------------------------------------------------------------------
+
+@dataclass
+class FailureReport:
+    """``failed/<name>.error.json`` of a job that failed after ingest."""
+
+    job_id: int
+    job: str
+    source: str
+    error: str
+    kind: str  # permanent | transient | crash
+    stage: Optional[str]
+    attempts: int
+    exception: str
+    files: list[str] = field(default_factory=list)
 
 
 def _write_error(failed: Path, name: str, report: dict[str, Any]) -> Path:
     path = failed / f"{name}.error.json"
-    write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
+    files.write_atomic(path, (json.dumps(report, indent=2) + "\n").encode())
     return path
 
 
-def report_rejected(settings: Settings, name: str, base: Path, files: Iterable[Path], *, source: str,
+def report_rejected(settings: Settings, name: str, base: Path, moved_files: Iterable[Path], *, source: str,
                     error: str, field: Optional[str]) -> Path:
     """Move a job that was never ingested to failed/, with a report naming the problem."""
     failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
-    moved = move_files(files, base, folder)
+    moved = move_files(moved_files, base, folder)
     report = {"job": name, "source": source, "error": error, "field": field, "kind": "permanent",
               "stage": "ingest", "files": moved, "at": _now(),
               "hint": "fix the job file, then move the files in this folder back into the inbox"}
     return _write_error(failed, name, report)
 
 
-def report_failed(settings: Settings, name: str, originals: Path, report: dict[str, Any]) -> Path:
+def report_failed(settings: Settings, name: str, originals: Path, report: FailureReport) -> Path:
     """Copy a failed job's originals to failed/ beside its error report (work keeps its copy for retry)."""
     failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
-    copied = []
-    if originals.is_dir():
-        shutil.copytree(originals, folder)
-        copied = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
-    return _write_error(failed, name, {**report, "files": copied, "at": _now(),
+    report.files = files.copy_tree(originals, folder) if originals.is_dir() else []
+    return _write_error(failed, name, {**asdict(report), "at": _now(),
                                        "hint": "fix the problem, then run: python run.py retry "
-                                               f"{report.get('job_id')} (or move these files back into the inbox)"})
+                                               f"{report.job_id} (or move these files back into the inbox)"})
 
 
 def archive_originals(settings: Settings, job_id: int, name: str, originals: Path) -> Optional[Path]:

@@ -43,7 +43,7 @@ def status_rows(db: Database, include_finished: bool = True, limit: int = 50) ->
         rows = [{"id": j.id, "name": j.name, "state": j.state, "stage": j.stage or "", "progress": _progress(j),
                  "step": j.step, "steps_total": j.steps_total, "preset": j.preset,
                  "attempts": j.attempts, "age": _age(j.created_at), "created_at": j.created_at.isoformat() + "Z",
-                 "error": j.error or "", "output": (j.result or {}).get("image", "")}
+                 "error": j.error or "", "output": j.result.image if j.result else ""}
                 for j in jobs.list_jobs(session, states, limit)]
         since = utcnow() - timedelta(hours=1)
         alarms = [{"at": e.at.isoformat() + "Z", "message": e.message}
@@ -100,8 +100,10 @@ def job_detail(db: Database, job_id: int) -> Optional[dict[str, Any]]:
             "steps_total": job.steps_total, "source": job.source, "preset": job.preset, "priority": job.priority,
             "attempts": job.attempts, "crashes": job.crashes, "error": job.error, "error_kind": job.error_kind,
             "next_attempt_at": job.next_attempt_at, "created_at": job.created_at, "finished_at": job.finished_at,
-            "seed": job.spec.get("seed"), "prompt": job.spec.get("prompt"),
-            "parameters": job.spec.get("parameters"), "inputs": job.inputs, "result": job.result,
+            "seed": job.spec.seed, "prompt": job.spec.prompt,
+            "parameters": job.spec.parameters.model_dump(mode="json"),
+            "inputs": [i.model_dump(mode="json") for i in job.inputs],
+            "result": job.result.model_dump(mode="json") if job.result else None,
             "stage_runs": [{"stage": r.stage, "cache_hit": r.cache_hit, "duration_s": r.duration_s,
                             "resumed_from_step": r.resumed_from_step, "fingerprint": r.fingerprint[:16],
                             "error": r.error, "started_at": r.started_at}
@@ -119,7 +121,7 @@ def job_detail_text(d: dict[str, Any]) -> str:
     if d["error"]:
         lines.append(f"  error ({d['error_kind']}): {d['error']}")
     if d["result"]:
-        lines.append(f"  output: {d['result'].get('image')}")
+        lines.append(f"  output: {d['result']['image']}")
     lines.append("  stages:")
     for r in d["stage_runs"]:
         how = "reused" if r["cache_hit"] else f"{(r['duration_s'] or 0):.3f}s"
@@ -156,37 +158,16 @@ def doctor(settings: Settings) -> dict[str, Any]:
         check("memory", True, f"{psutil.virtual_memory().available / 1e9:.1f} GB RAM available")
     except ImportError:
         pass
-    if settings.engine == "diffusers":
-        _doctor_diffusers(settings, check)
-    else:
-        try:
-            from stages.comfyui_engine import comfyui_report
-            comfy = comfyui_report(settings)
-            report["comfyui"] = comfy
-            check("comfyui", bool(comfy.get("ok")), str(comfy.get("summary", comfy)))
-        except ImportError as exc:
-            check("comfyui", False, f"engine not available: {exc}")
+    try:
+        from stages.engine import engine_class
+        for found in engine_class(settings.engine).diagnose(settings):
+            check(found.check, found.ok, found.detail)
+            if found.data is not None:
+                report[found.check] = found.data
+    except ImportError as exc:
+        check(settings.engine, False, f"engine not available: {exc}")
     report["ok"] = all(c["ok"] for c in report["checks"])
     return report
-
-
-def _doctor_diffusers(settings: Settings, check) -> None:
-    try:
-        import diffusers
-        check("diffusers", True, f"diffusers {diffusers.__version__}")
-    except ImportError as exc:
-        check("diffusers", False, f"not importable: {exc} (pip install 'qie-hotfolder[diffusers]')")
-    path = settings.effective_model_path
-    if settings.model_path is None:
-        check("model", True, f"built-in tiny random model at {path} (outputs are noise; built on first use)")
-        return
-    for part in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"):
-        found = (path / part).exists()
-        check(f"model {part}", found, str(path / part))
-    lora = settings.defaults.lora
-    if lora:
-        lora_path = settings.effective_lora_dir / lora
-        check("default LoRA", lora_path.is_file(), str(lora_path))
 
 
 def doctor_text(report: dict[str, Any]) -> str:

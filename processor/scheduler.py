@@ -1,14 +1,25 @@
 """Choosing the next unit of work: (job, next stage).
 
-``stage-major`` (the default) runs one stage for every ready job before switching, preferring
-the stage that just ran and stages whose models are loaded: text-encode every queued job while
-the text encoder is in memory, then sample them all while the diffusion model is. On a GPU that
-cannot hold every model this replaces two model swaps per job by two per batch. ``job-by-job``
-finishes one job before starting the next (for comparison). In both, higher priority goes
-first, and a job waiting longer than ``max_wait`` goes before everything else, so a lone job is
-never starved. Claiming is the database's conditional UPDATE: a unit whose job another worker
-took in the meantime is skipped. With several workers (PostgreSQL) a unit is checked again once
-claimed: if another worker ran that stage since the queue was read, the job is given back.
+Two costs pull against each other: model swaps and the time until each result appears.
+
+- ``auto`` (the default) looks at the models the queued work needs. When they all fit the
+  memory budget together, nothing is saved by batching: jobs run in order (priority, then age)
+  and each is finished before the next starts, so results arrive one job-time apart. When they
+  do not fit, jobs are taken in windows of ``batch_window``: within a window the work is grouped
+  by stage and model (text-encode the window's jobs while the text encoder is loaded, then
+  sample them while the diffusion model is), so each swap is amortised over the window, and no
+  job waits behind more than one window of other work.
+- ``stage-major`` runs one stage for every ready job before switching (the whole queue is one
+  window): fewest model loads, latest first result.
+- ``job-by-job`` finishes one job before starting the next, whatever the budget.
+
+In all of them higher priority goes first, and a job waiting longer than ``max_wait`` goes
+before everything else, so a lone job is never starved. The job just worked on stays claimed
+between its units (its writes proceed beside the next unit); it goes back to the queue when the
+next unit is another job's. Claiming is the database's conditional UPDATE: a unit whose job
+another worker took in the meantime is skipped. With several workers (PostgreSQL) a unit is
+checked again once claimed: if another worker ran that stage since the queue was read, the job
+is given back.
 
 A worker for some stages (``run.py worker --stages``) claims only their units; ``prepare``
 goes with the encoders that read it, ``publish`` with ``decode`` (``claimed_stages``).
@@ -25,16 +36,14 @@ from sqlalchemy.orm import Session
 
 from config import Settings
 from db import Database, Job, checkpoints, jobs
-from processor.runner import PUBLISH, JobPlan, JobRunner, Unit
-from stages import STAGE_NAMES
+from processor.plan import PUBLISH, JobPlan, Planner
+from processor.runner import JobRunner, Outcome, Unit
+from processor.store import CheckpointStore
+from stages import STAGE_NAMES, Engine
 
 log = logging.getLogger(__name__)
 
-# encode_text before encode_latent: the VAE is then the most recently used model when the
-# diffusion model is loaded, so a budget that holds the diffusion model and the VAE evicts the
-# text encoder and keeps the VAE for decode.
-STAGE_ORDER = {name: index for index, name in enumerate(
-    ("prepare", "encode_text", "encode_latent", "sample", "decode", PUBLISH))}
+STAGE_ORDER = {name: index for index, name in enumerate((*STAGE_NAMES, PUBLISH))}
 
 
 def claimed_stages(names: Iterable[str]) -> set[str]:
@@ -77,8 +86,8 @@ class QueueView:
     runner finds and uses a checkpoint recorded meanwhile, or computes one that went missing.
     """
 
-    def __init__(self, runner: JobRunner):
-        self.runner = runner
+    def __init__(self, planner: Planner):
+        self.planner = planner
         self._known: dict[int, KnownJob] = {}
         self.recorded: set[str] = set()
 
@@ -101,73 +110,153 @@ class QueueView:
     def _planned(self, job: Job) -> KnownJob:
         """A job new to the view (its checkpoints are read with the changed ones)."""
         try:
-            return KnownJob(job, self.runner.plan(job), None, frozenset(), None)
+            return KnownJob(job, self.planner.plan(job), None, frozenset(), None)
         except Exception as exc:  # noqa: BLE001 - the runner fails the job with this error
             return KnownJob(job, None, exc, frozenset(), None)
 
 
 class Scheduler:
-    def __init__(self, settings: Settings, db: Database, worker: str, runner: JobRunner,
-                 loaded_models: Callable[[], Iterable[str]], stages: Optional[set[str]] = None):
+    def __init__(self, settings: Settings, db: Database, worker: str, planner: Planner, store: CheckpointStore,
+                 runner: JobRunner, engine: Callable[[], Engine], stages: Optional[set[str]] = None):
         self.settings = settings
         self.db = db
         self.worker = worker
+        self.planner = planner
+        self.store = store
         self.runner = runner
-        self.loaded_models = loaded_models
+        self._engine = engine
         self.stages = stages  # None: every stage
+        self.held: Optional[Job] = None  # the job worked on last, still claimed
         self.last_stage: Optional[str] = None
-        self.last_job: Optional[int] = None
-        self.queue = QueueView(runner)
+        self.window: list[int] = []  # the jobs of the current window (``auto`` when models do not fit)
+        self.queue = QueueView(planner)
+
+    # What can run ---------------------------------------------------------------------------------
 
     def ready_units(self, now: datetime) -> list[Unit]:
-        """Every unit that could run now."""
+        """Every unit that could run now: of the claimable jobs and of the job held."""
         queue = self.queue.read(self.db, now)
+        recorded = self.queue.recorded | self.store.memo.fingerprints()
         units: list[Unit] = []
+        if self.held is not None:
+            plan = self.planner.plan(self.held)
+            units += self._units(self.held, plan, recorded | self.runner.done_fingerprints(self.held.id, plan))
         for known in queue:
             if known.error is not None:
                 units.append(Unit(known.job, "prepare", (), known.error))
                 continue
-            for stage in self.runner.next_stages(known.plan, self.queue.recorded):
-                if self.stages is None or stage in self.stages:
-                    units.append(Unit(known.job, stage, self.runner.stage_models(stage)))
+            units += self._units(known.job, known.plan, recorded)
         return units
 
+    def _units(self, job: Job, plan: JobPlan, recorded: set[str]) -> list[Unit]:
+        return [Unit(job, stage, self.stage_models(stage, plan)) for stage in plan.next_units(recorded)
+                if self.stages is None or stage in self.stages]
+
+    def stage_models(self, stage: str, plan: JobPlan) -> tuple[str, ...]:
+        """Model roles the engine loads for ``stage``."""
+        if stage == PUBLISH:
+            return ()
+        return tuple(self._engine().stage_models(stage, plan.params))
+
+    # In which order -------------------------------------------------------------------------------
+
+    def policy(self, units: list[Unit]) -> str:
+        """The policy in force: ``auto`` is ``job-by-job`` when every model the ready work needs
+        fits the budget together, else ``windowed``."""
+        if self.settings.scheduling != "auto":
+            return self.settings.scheduling
+        return "job-by-job" if self.models_fit(units) else "windowed"
+
+    def models_fit(self, units: list[Unit]) -> bool:
+        roles = {role for unit in units for role in unit.models}
+        engine = self._engine()
+        budget = engine.cache.budget_bytes
+        if budget is None or not roles:
+            return True
+        known = engine.cache.known_sizes()
+        estimates: dict[str, int] = {}
+        for unit in units:
+            missing = [role for role in unit.models if role not in known and role not in estimates]
+            if missing:
+                estimates.update(engine.model_bytes(unit.job.spec.parameters))
+        return sum(known.get(role, estimates.get(role, 0)) for role in roles) <= budget
+
     def order(self, units: list[Unit], now: datetime) -> list[Unit]:
-        """Units best first, by the configured policy."""
-        loaded = set(self.loaded_models())
+        """Units best first, by the policy in force."""
+        policy = self.policy(units)
+        loaded = set(self._engine().cache.loaded()) if units else set()
+        held = self.held.id if self.held is not None else None
 
-        def starving(unit: Unit) -> int:
+        def urgency(unit: Unit) -> tuple:
             waited = (now - unit.job.created_at).total_seconds()
-            return 0 if waited > self.settings.max_wait else 1
+            return (0 if waited > self.settings.max_wait else 1, -unit.job.priority)
 
-        def stage_major(unit: Unit):
-            affinity = 0 if set(unit.models) <= loaded else 1
-            same_stage = 0 if unit.stage == self.last_stage else 1
-            return (starving(unit), -unit.job.priority, same_stage, affinity, STAGE_ORDER[unit.stage],
-                    unit.job.created_at, unit.job.id)
+        def age(unit: Unit) -> tuple:
+            return (unit.job.created_at, unit.job.id)
 
-        def job_by_job(unit: Unit):
-            same_job = 0 if unit.job.id == self.last_job else 1
-            return (starving(unit), -unit.job.priority, same_job, unit.job.created_at, unit.job.id,
+        def by_stage(unit: Unit) -> tuple:
+            return (0 if unit.stage == self.last_stage else 1, 0 if set(unit.models) <= loaded else 1,
                     STAGE_ORDER[unit.stage])
 
-        key = stage_major if self.settings.scheduling == "stage-major" else job_by_job
-        return sorted(units, key=key)
+        if policy == "job-by-job":
+            return sorted(units, key=lambda u: (*urgency(u), 0 if u.job.id == held else 1, *age(u),
+                                                STAGE_ORDER[u.stage]))
+        if policy == "stage-major":
+            return sorted(units, key=lambda u: (*urgency(u), *by_stage(u), *age(u)))
+        window = self._window(units, urgency, age)
+        return sorted(units, key=lambda u: (0 if u.job.id in window else 1, *urgency(u), *by_stage(u), *age(u)))
 
-    def claim_next(self, now: datetime) -> Optional[Unit]:
-        """Claim and return the next unit to run, or None when nothing is due. The claim, the
-        check that the unit is still due and the opening of its run record are one transaction."""
+    def _window(self, units: list[Unit], urgency: Callable, age: Callable) -> set[int]:
+        """The jobs of the current window: kept while any of them has work ready; a new one is
+        the first ``batch_window`` jobs in priority and age order. A job more urgent than every
+        job of the window (higher priority, or waiting longer than ``max_wait``) joins it."""
+        ready = {unit.job.id: unit for unit in units}
+        self.window = [job_id for job_id in self.window if job_id in ready]
+        if not self.window:
+            first = sorted(ready.values(), key=lambda u: (*urgency(u), *age(u)))
+            self.window = [unit.job.id for unit in first[:self.settings.batch_window]]
+            return set(self.window)
+        least_urgent = max(urgency(ready[job_id]) for job_id in self.window)
+        for job_id, unit in ready.items():
+            if job_id not in self.window and urgency(unit) < least_urgent:
+                self.window.append(job_id)
+        return set(self.window)
+
+    # Claiming ------------------------------------------------------------------------------------
+
+    def next_unit(self, now: datetime) -> Optional[Unit]:
+        """The next unit to run, its job claimed (or still held); None when nothing is due. A held
+        job whose next unit is not the best goes back to the queue (after its writes)."""
         for unit in self.order(self.ready_units(now), now):
-            with self.db.begin() as session:
-                if not jobs.claim(session, unit.job.id, self.worker, self.settings.lease_seconds, now):
-                    continue
-                if self.db.shared and not self._still_due(session, unit):
-                    jobs.release_between_stages(session, unit.job.id, self.worker)
-                    continue
-                self.runner.open_unit(session, unit)
-            self.last_stage, self.last_job = unit.stage, unit.job.id
-            return unit
+            if self.held is not None and unit.job.id == self.held.id:
+                return unit
+            self.release_held()
+            if self._claim(unit, now):
+                self.runner.heartbeat.hold(unit.job.id)
+                self.held = unit.job
+                return unit
+        self.release_held()
         return None
+
+    def finished(self, unit: Unit, outcome: Outcome) -> None:
+        """After a unit ran: its job stays held only when it has more to compute."""
+        self.last_stage = unit.stage
+        if outcome is not Outcome.COMPUTED:
+            self.held = None
+
+    def release_held(self, reason: Optional[str] = None) -> None:
+        if self.held is not None:
+            self.runner.release(self.held, reason)
+            self.held = None
+
+    def _claim(self, unit: Unit, now: datetime) -> bool:
+        with self.db.begin() as session:
+            if not jobs.claim(session, unit.job.id, self.worker, self.settings.lease_seconds, now):
+                return False
+            if self.db.shared and not self._still_due(session, unit):
+                jobs.release_between_stages(session, unit.job.id, self.worker)
+                return False
+        return True
 
     def _still_due(self, session: Session, unit: Unit) -> bool:
         """Whether a unit just claimed still has to run: another worker may have run the stage
@@ -175,9 +264,9 @@ class Scheduler:
         released, so the claiming transaction sees it)."""
         if unit.error is not None or unit.stage == PUBLISH:
             return True
-        plan = self.runner.plan(unit.job)
+        plan = self.planner.plan(unit.job)
         recorded = checkpoints.existing(session, list(plan.chain.values()))
-        return unit.stage in self.runner.next_stages(plan, recorded)
+        return unit.stage in plan.next_units(recorded)
 
     def next_retry(self) -> Optional[datetime]:
         with self.db.begin() as session:

@@ -1,7 +1,8 @@
 """``submit``: place a job file and its images into the inbox the safe way.
 
-Images are copied first under hidden temporary names and renamed into place; the job file
-comes last, so the daemon never sees a job whose files are half there.
+The images and then the job file are copied (durably) into a hidden staging folder, which is
+renamed into the inbox when complete, so the daemon never sees a job whose files are half
+there; the rename never replaces a folder that is already there.
 """
 
 from __future__ import annotations
@@ -11,17 +12,8 @@ import shutil
 from pathlib import Path
 
 from config import JobFileError, Settings, parse_job_file
+from processor.files import copy_durably, fsync_dir, rename_noreplace
 from processor.inbox import resolve_inside, unique_path
-from stages.checkpoint import fsync_dir
-
-
-def _place(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.submit.tmp")
-    shutil.copyfile(source, tmp)
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
 
 
 def submit(job_file: Path, settings: Settings) -> Path:
@@ -37,13 +29,22 @@ def submit(job_file: Path, settings: Settings) -> Path:
     staging.mkdir()
     try:
         for key, path in images.items():
-            _place(path, staging / job.images()[key])
-        _place(job_file, staging / "job.json")
+            copy_durably(path, staging / job.images()[key])
+        copy_durably(job_file, staging / "job.json")
         fsync_dir(staging)
-        target, _ = unique_path(settings.inbox, job_file.stem)
-        os.rename(staging, target)
+        target = _move_into_inbox(staging, settings.inbox, job_file.stem)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     fsync_dir(settings.inbox)
     return target
+
+
+def _move_into_inbox(staging: Path, inbox: Path, stem: str) -> Path:
+    while True:
+        target, _ = unique_path(inbox, stem)
+        try:
+            rename_noreplace(staging, target)
+            return target
+        except FileExistsError:
+            continue  # another submit took the name in between

@@ -45,7 +45,7 @@ import torch
 from config import Settings, StageParameters
 from stages import comfyui_nodes as mapping
 from stages.comfyui_nodes import MappingError, NodeCall, Ref
-from stages.engine import Payload, SampleResume, StageInterrupted, StepCallback
+from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
 from stages.model_cache import ModelCache
 
@@ -289,6 +289,10 @@ class _Loaded:
         return self.module.buffers() if self.module is not None else iter(())
 
 
+STAGE_MODELS = {"prepare": (), "encode_latent": ("vae",), "encode_text": ("text_encoder", "vae"),
+                "sample": ("transformer",), "decode": ("vae",)}
+
+
 class ComfyUIEngine:
     """The Engine protocol (stages/engine.py) on ComfyUI's nodes."""
 
@@ -327,6 +331,25 @@ class ComfyUIEngine:
         path = self.comfy.find_model(mapping.MODEL_FOLDERS[role], name)
         stat = path.stat()
         return mapping.file_identity(name, stat.st_size, stat.st_mtime_ns)
+
+    def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
+        return STAGE_MODELS[stage]
+
+    def model_bytes(self, params: StageParameters) -> dict[str, int]:
+        """Estimates of each role's size once loaded: the size of its file."""
+        sizes = {}
+        for role, name in (("vae", self.settings.vae_name), ("text_encoder", self.settings.text_encoder_name),
+                           ("transformer", self.settings.diffusion_model_name)):
+            try:
+                sizes[role] = self.comfy.find_model(mapping.MODEL_FOLDERS[role], name).stat().st_size
+            except (ModelNotFoundError, OSError):
+                sizes[role] = 0
+        return sizes
+
+    @classmethod
+    def diagnose(cls, settings: Settings) -> list[Check]:
+        report = comfyui_report(settings)
+        return [Check("comfyui", bool(report.get("ok")), str(report.get("summary", report)), report)]
 
     # Loading (every model goes through the cache) -----------------------------------------------
 
@@ -376,6 +399,7 @@ class ComfyUIEngine:
             raise PermanentError(f"between 1 and {mapping.MAX_IMAGES} images, not {len(images)}")
         return [mapping.to_comfy_image(image) for image in images]
 
+    @engine_operation
     def encode_latent(self, prepared: Payload, params: StageParameters) -> Payload:
         call = mapping.latent_source(params)
         refs: dict[str, Any] = {}
@@ -384,6 +408,7 @@ class ComfyUIEngine:
         latent = self._call(call, **refs)
         return _cpu(mapping.check_latent(dict(latent)))
 
+    @engine_operation
     def encode_text(self, prepared: Payload, params: StageParameters, prompt: str,
                     negative_prompt: str) -> Payload:
         images = self._images(prepared)
@@ -405,6 +430,7 @@ class ComfyUIEngine:
                 raise PermanentError(f"{label} conditioning: {exc}") from exc
         return out
 
+    @engine_operation
     def sample(self, prepared: Payload, latent: Payload, text: Payload, params: StageParameters,
                seed: int, resume: Optional[SampleResume], on_step: Optional[StepCallback],
                should_stop: Optional[Callable[[], bool]] = None) -> Payload:
@@ -462,10 +488,11 @@ class ComfyUIEngine:
         out["samples"] = samples
         return out
 
+    @engine_operation
     def decode(self, sampled: Payload, params: StageParameters) -> Payload:
         image = self._call(NodeCall("VAEDecode", {"samples": Ref("samples"), "vae": Ref("vae")}),
                            samples=mapping.check_latent(sampled), vae=self._vae())
-        return _cpu({"image": mapping.from_comfy_image(image)})
+        return {"image": mapping.saved_pixels(image)}
 
 
 def _resume_state(resume: SampleResume, steps_total: int, shape: torch.Size) -> Optional[torch.Tensor]:

@@ -208,19 +208,27 @@ def cache_key(role: str, identity: str, params: Any = None) -> tuple:
 # Values across stage boundaries ------------------------------------------------------------------
 
 def to_comfy_image(image: Any) -> Any:
-    """``uint8 Tensor[H, W, 3]`` (the prepare payload) -> ComfyUI IMAGE ``float32 [1, H, W, 3]``.
-
-    The same arithmetic as ComfyUI's LoadImage (``float32 / 255``).
-    """
+    """``uint8 [H, W, 3]`` (the prepare payload, an array or a tensor) -> ComfyUI IMAGE
+    ``float32 [1, H, W, 3]``, with the same arithmetic as ComfyUI's LoadImage (``float32 / 255``)."""
+    import numpy as np
     import torch
 
-    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim != 3 or image.shape[-1] != 3:
-        raise MappingError("a prepared image must be a uint8 tensor [H, W, 3]")
-    return (image.to(torch.float32) / 255.0).unsqueeze(0)
+    pixels = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise MappingError("a prepared image must be uint8 [H, W, 3]")
+    return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None,]
+
+
+def saved_pixels(image: Any) -> Any:
+    """The 8-bit pixels ComfyUI's SaveImage writes for an IMAGE: ``clip(255 * i, 0, 255)``
+    truncated to uint8 (``[H, W, 3]``)."""
+    import numpy as np
+
+    return np.clip(255.0 * from_comfy_image(image).numpy(), 0, 255).astype(np.uint8)
 
 
 def from_comfy_image(image: Any) -> Any:
-    """ComfyUI IMAGE ``[1, H, W, 3]`` (or ``[H, W, 3]``) -> the decode payload's ``float32 [H, W, 3]``."""
+    """ComfyUI IMAGE ``[1, H, W, 3]`` (or ``[H, W, 3]``) -> ``float32 [H, W, 3]`` on the CPU."""
     import torch
 
     if image.ndim == 4:

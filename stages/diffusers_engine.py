@@ -41,7 +41,7 @@ import torch
 from PIL import Image
 
 from config import ReferenceMode, Settings, StageParameters
-from stages.engine import Payload, SampleResume, StageInterrupted, StepCallback
+from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
 from stages.model_cache import ModelCache
 
@@ -53,6 +53,10 @@ DEFAULT_CONDITION_IMAGE_AREA = 384 * 384
 SAMPLERS = ("euler",)
 SCHEDULERS = ("simple", "normal")
 ADAPTER_NAME = "qie_lora"
+
+# The model roles each stage loads (encode_text needs no VAE here: the vision tower sees the images).
+STAGE_MODELS = {"prepare": (), "encode_latent": ("vae",), "encode_text": ("text_encoder",),
+                "sample": ("transformer",), "decode": ("vae",)}
 
 # Files whose content defines each model role, relative to the model folder.
 ROLE_FOLDERS = {
@@ -155,6 +159,40 @@ class DiffusersEngine:
             identities["transformer"] += "; lora none"
         identities = {role: f"{value}; dtype={self._dtype_name()}" for role, value in identities.items()}
         return identities
+
+    def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
+        return STAGE_MODELS[stage]
+
+    def model_bytes(self, params: StageParameters) -> dict[str, int]:
+        """Estimates of each role's size once loaded: its weight files, scaled to the compute dtype."""
+        root = self.model_root()
+        estimates = {}
+        for role, folder in (("vae", "vae"), ("text_encoder", "text_encoder"), ("transformer", "transformer")):
+            weights = list((root / folder).glob("*.safetensors")) if (root / folder).is_dir() else []
+            size = sum(path.stat().st_size for path in weights)
+            estimates[role] = int(size * torch.finfo(self.dtype).bits / _file_bits(weights))
+        return estimates
+
+    @classmethod
+    def diagnose(cls, settings: Settings) -> list[Check]:
+        checks = []
+        try:
+            import diffusers
+            checks.append(Check("diffusers", True, f"diffusers {diffusers.__version__}"))
+        except ImportError as exc:
+            checks.append(Check("diffusers", False, f"not importable: {exc} (pip install 'qie-hotfolder[diffusers]')"))
+        path = settings.effective_model_path
+        if settings.model_path is None:
+            checks.append(Check("model", True, f"built-in tiny random model at {path} (outputs are noise; built on "
+                                               "first use)"))
+            return checks
+        for part in ("model_index.json", "transformer", "vae", "text_encoder", "tokenizer", "processor", "scheduler"):
+            checks.append(Check(f"model {part}", (path / part).exists(), str(path / part)))
+        lora = settings.defaults.lora
+        if lora:
+            lora_path = settings.effective_lora_dir / lora
+            checks.append(Check("default LoRA", lora_path.is_file(), str(lora_path)))
+        return checks
 
     # Model files -------------------------------------------------------------------------------
 
@@ -283,7 +321,7 @@ class DiffusersEngine:
         images = prepared["images"]
         if not images:
             raise PermanentError("no input image")
-        return [Image.fromarray(image.to(torch.uint8).cpu().numpy()) for image in images]
+        return [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in images]
 
     @staticmethod
     def output_size(prepared: Payload, params: StageParameters, multiple: int = 16) -> tuple[int, int]:
@@ -291,7 +329,7 @@ class DiffusersEngine:
         if params.width is not None and params.height is not None:
             width, height = params.width, params.height
         else:
-            height, width = prepared["images"][0].shape[:2]
+            height, width = np.asarray(prepared["images"][0]).shape[:2]
         width, height = width // multiple * multiple, height // multiple * multiple
         if width < multiple or height < multiple:
             raise PermanentError(f"output size {width}x{height} is too small: image1 (or width/height) "
@@ -300,6 +338,7 @@ class DiffusersEngine:
 
     # Stage encode_latent -------------------------------------------------------------------------
 
+    @engine_operation
     def encode_latent(self, prepared: Payload, params: StageParameters) -> Payload:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
 
@@ -336,6 +375,7 @@ class DiffusersEngine:
 
     # Stage encode_text ---------------------------------------------------------------------------
 
+    @engine_operation
     def encode_text(self, prepared: Payload, params: StageParameters, prompt: str,
                     negative_prompt: str) -> Payload:
         from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions
@@ -402,6 +442,7 @@ class DiffusersEngine:
             sigmas = np.linspace(1.0, sigma_min, total)
         return sigmas[-steps:]
 
+    @engine_operation
     def sample(self, prepared: Payload, latent: Payload, text: Payload, params: StageParameters,
                seed: int, resume: Optional[SampleResume], on_step: Optional[StepCallback],
                should_stop: Optional[Callable[[], bool]] = None) -> Payload:
@@ -501,6 +542,7 @@ class DiffusersEngine:
 
     # Stage decode --------------------------------------------------------------------------------
 
+    @engine_operation
     def decode(self, sampled: Payload, params: StageParameters) -> Payload:
         vae = self._vae(params)
         pipe = self._pipeline(vae=vae)
@@ -516,9 +558,27 @@ class DiffusersEngine:
                 latents.device, latents.dtype)
             latents = latents / latents_std + latents_mean
             image = vae.decode(latents, return_dict=False)[0][:, :, 0]
-            image = pipe.image_processor.postprocess(image, output_type="pt")
-            image = image[0].permute(1, 2, 0).float().cpu().contiguous()
-        return {"image": image}
+            # What ``QwenImageEditPlusPipeline(...).images`` gives: postprocessed to NumPy floats,
+            # then the image processor's own 8-bit conversion.
+            array = pipe.image_processor.postprocess(image, output_type="np")
+        return {"image": np.asarray(pipe.image_processor.numpy_to_pil(array)[0].convert("RGB"), dtype=np.uint8)}
+
+
+def _file_bits(weights: list[Path]) -> int:
+    """Bits per weight in safetensors files (read from their headers; 16 when unknown)."""
+    from stages.checkpoint import header_of
+    for path in weights:
+        try:
+            with open(path, "rb") as handle:
+                head = handle.read(8)
+                header = header_of(head + handle.read(int.from_bytes(head, "little")))
+        except (OSError, ValueError):
+            continue
+        for name, entry in header.items():
+            if name != "__metadata__":
+                return {"F32": 32, "BF16": 16, "F16": 16, "F8_E4M3": 8, "F8_E5M2": 8, "I8": 8, "U8": 8}.get(
+                    entry.get("dtype"), 16)
+    return 16
 
 
 def _pack(latents: torch.Tensor, channels: int) -> torch.Tensor:

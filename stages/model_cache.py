@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
 import logging
 import threading
 import time
@@ -20,7 +21,10 @@ log = logging.getLogger(__name__)
 
 
 def model_bytes(model: Any) -> int:
-    """Memory held by a model's parameters and buffers (0 for objects that have none)."""
+    """Memory held by a model's parameters and buffers (or its ``nbytes``; 0 for objects that
+    have neither)."""
+    if isinstance(getattr(model, "nbytes", None), int):
+        return model.nbytes
     total = 0
     for attr in ("parameters", "buffers"):
         method = getattr(model, attr, None)
@@ -55,6 +59,7 @@ class ModelCache:
         self._entries: "OrderedDict[Hashable, tuple[Any, int, str]]" = OrderedDict()
         self._lock = threading.RLock()
         self._on_load = on_load
+        self._sizes: dict[str, int] = {}  # role -> size when last loaded
         self.stats = CacheStats()
 
     def get(self, key: Hashable, load: Callable[[], Any], role: str) -> Any:
@@ -72,6 +77,7 @@ class ModelCache:
             elapsed = time.perf_counter() - started
             size = self._measure(model)
             self.stats.loads[role] += 1
+            self._sizes[role] = size
             self.stats.load_seconds += elapsed
             log.info("loaded %s in %.2fs (%.1f MB)", role, elapsed, size / 1e6)
             self._make_room(size)
@@ -86,6 +92,11 @@ class ModelCache:
         """Bytes held by each loaded model, by role."""
         with self._lock:
             return {role: size for _, size, role in self._entries.values()}
+
+    def known_sizes(self) -> dict[str, int]:
+        """The size of each role's model when it was last loaded (loaded now or not)."""
+        with self._lock:
+            return dict(self._sizes)
 
     def resident_bytes(self) -> int:
         with self._lock:
@@ -116,20 +127,18 @@ class ModelCache:
 
 def memory_budget(device: str, share: float = 0.9) -> int:
     """A default budget: ``share`` of the GPU's memory on CUDA, of physical RAM on the CPU."""
-    try:
-        import torch
-        if device != "cpu" and torch.cuda.is_available():
-            index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
-            return int(torch.cuda.get_device_properties(index).total_memory * share)
-    except ImportError:
-        pass
+    if device != "cpu":
+        try:
+            import torch
+            if torch.cuda.is_available():
+                index = int(device.split(":")[1]) if ":" in device else torch.cuda.current_device()
+                return int(torch.cuda.get_device_properties(index).total_memory * share)
+        except ImportError:
+            pass
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * share)
 
 
 def _empty_device_cache() -> None:
-    try:
-        import torch
-    except ImportError:
-        return
-    if torch.cuda.is_available():
+    torch = sys.modules.get("torch")  # never imported just for this
+    if torch is not None and torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -2,7 +2,7 @@
 
 This is ComfyUI's LoadImage (EXIF orientation applied, RGB) and ImageScaleToTotalPixels
 (image1 scaled to ``megapixels`` x 1024 x 1024 pixels, keeping the aspect ratio) on Pillow,
-for every engine. Its output is ``{"images": [uint8 Tensor[H, W, 3], ...]}``.
+for every engine. Its output is ``{"images": [uint8 ndarray[H, W, 3], ...]}``.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from config import StageParameters
@@ -66,8 +65,8 @@ def scaled_size(width: int, height: int, megapixels: float) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy())
+def to_array(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.uint8).copy()
 
 
 def prepare(paths: Sequence[tuple[str, Path]], params: StageParameters, max_pixels: int) -> dict:
@@ -79,5 +78,5 @@ def prepare(paths: Sequence[tuple[str, Path]], params: StageParameters, max_pixe
             size = scaled_size(image.width, image.height, params.megapixels)
             if size != image.size:
                 image = image.resize(size, RESAMPLING[params.upscale_method])
-        images.append(to_tensor(image))
+        images.append(to_array(image))
     return {"images": images}

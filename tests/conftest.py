@@ -1,4 +1,5 @@
-"""Shared fixtures: one tiny random model for the whole session, fresh folders per test."""
+"""Shared fixtures: fresh folders per test (the fake engine, or the diffusers engine on one tiny
+random model built once per session)."""
 
 from __future__ import annotations
 
@@ -21,5 +22,12 @@ def tiny_model(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def folders(tmp_path: Path, tiny_model: Path) -> Folders:
+def folders(tmp_path: Path) -> Folders:
+    """A daemon's folders, computing with the fake engine."""
+    return Folders(tmp_path)
+
+
+@pytest.fixture
+def diffusers_folders(tmp_path: Path, tiny_model: Path) -> Folders:
+    """A daemon's folders, computing with the diffusers engine on the tiny model."""
     return Folders(tmp_path, tiny_model)

@@ -37,8 +37,11 @@ def tiny_job(**overrides: Any) -> dict[str, Any]:
 
 @dataclass
 class Folders:
+    """A daemon's folders in a test. ``model``: the tiny diffusers model the daemon computes
+    with; None (the default) runs the fake engine, which is deterministic and takes milliseconds."""
+
     root: Path
-    model: Path
+    model: Optional[Path] = None
     env_extra: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -57,7 +60,8 @@ class Folders:
         env.update({
             "QIE_INBOX": str(self.inbox), "QIE_OUTBOX": str(self.outbox), "QIE_FAILED": str(self.failed),
             "QIE_ARCHIVE": str(self.archive), "QIE_WORK": str(self.work), "QIE_STATE": str(self.state),
-            "QIE_MODEL_PATH": str(self.model), "QIE_SETTLE_SECONDS": "0.3", "QIE_RESCAN_INTERVAL": "1",
+            **({"QIE_ENGINE": "diffusers", "QIE_MODEL_PATH": str(self.model)} if self.model else {"QIE_ENGINE": "fake"}),
+            "QIE_SETTLE_SECONDS": "0.3", "QIE_RESCAN_INTERVAL": "1",
             "QIE_POLL_INTERVAL": "0.2", "QIE_PARTIAL_INTERVAL": "0", "QIE_CORRUPT_GRACE_SECONDS": "2", "QIE_THREADS": "1",
             "QIE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
         })

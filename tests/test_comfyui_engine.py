@@ -26,6 +26,7 @@ if not COMFYUI or not (Path(COMFYUI) / "nodes.py").is_file():
     pytest.skip("ComfyUI integration test: set QIE_COMFYUI_PATH to a ComfyUI checkout (and run with a Python "
                 "that has ComfyUI's requirements) to run it", allow_module_level=True)
 
+from processor.store import read_checkpoint, write_checkpoint
 import torch  # noqa: E402
 
 from tests import comfyui_tiny  # noqa: E402
@@ -87,7 +88,7 @@ def encoded(engine) -> dict:
 
 def roundtrip(payload, tmp_path: Path, name: str):
     path = tmp_path / f"{name}.safetensors"
-    return ckpt.load(path, ckpt.save(path, payload))
+    return read_checkpoint(path, write_checkpoint(path, payload)[0])
 
 
 # The engine ----------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from processor.store import read_checkpoint, write_checkpoint
 import torch
 
 from config import Settings, StageParameters
@@ -204,12 +205,12 @@ def test_comfy_values_are_valid_payloads():
 @pytest.mark.parametrize("name", ["latent", "text", "partial", "empty", "image"])
 def test_comfy_values_round_trip_exactly_through_a_checkpoint(name, tmp_path):
     value = comfy_values()[name]
-    sha = ckpt.save(tmp_path / "c.safetensors", value)
-    assert_exactly_equal(ckpt.load(tmp_path / "c.safetensors", sha), value)
+    sha = write_checkpoint(tmp_path / "c.safetensors", value)[0]
+    assert_exactly_equal(read_checkpoint(tmp_path / "c.safetensors", sha), value)
 
 
 def test_conditioning_keeps_none_and_list_structure_in_the_skeleton():
-    tensors, skeleton = ckpt.flatten(comfy_values()["text"])
+    tensors, skeleton, _ = ckpt.flatten(comfy_values()["text"])
     text = json.dumps(skeleton)
     assert '"pooled_output": null' in text
     assert len(tensors) == 6  # 2 embeddings, 1 attention mask, 3 reference latents
@@ -222,11 +223,11 @@ READ_BACK = r"""
 import sys, torch
 sys.path.insert(0, sys.argv[1])
 sys.path.insert(0, sys.argv[2])
-from stages import checkpoint as ckpt
+from processor.store import read_checkpoint
 from test_comfyui_mapping import comfy_values, assert_exactly_equal
 from pathlib import Path
 for name, sha in zip(sys.argv[4::2], sys.argv[5::2]):
-    assert_exactly_equal(ckpt.load(Path(sys.argv[3]) / (name + ".safetensors"), sha), comfy_values()[name])
+    assert_exactly_equal(read_checkpoint(Path(sys.argv[3]) / (name + ".safetensors"), sha), comfy_values()[name])
 print("same")
 """
 
@@ -234,7 +235,7 @@ print("same")
 def test_comfy_values_are_rebuilt_exactly_in_another_process(tmp_path):
     shas = []
     for name, value in comfy_values().items():
-        shas += [name, ckpt.save(tmp_path / f"{name}.safetensors", value)]
+        shas += [name, write_checkpoint(tmp_path / f"{name}.safetensors", value)[0]]
     result = subprocess.run([sys.executable, "-c", READ_BACK, str(ROOT), str(ROOT / "tests"), str(tmp_path), *shas],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr

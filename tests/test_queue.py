@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 from sqlalchemy import inspect, text
 
+from config import JobSpec
 from db import Database, JobState, checkpoints, jobs, utcnow
 from db.database import DatabaseError, alembic_config
 from processor.scheduler import QueueView
@@ -20,7 +21,7 @@ def db(tmp_path):
 
 def new_job(db, name="j", priority=0):
     with db.begin() as session:
-        return jobs.create_job(session, name=name, source=f"{name}.json", ingest_key=name, spec={}, inputs=[],
+        return jobs.create_job(session, name=name, source=f"{name}.json", ingest_key=name, spec=JobSpec(prompt="p", seed=1, output_name=name), inputs=[],
                                work_dir="/w", priority=priority).id
 
 

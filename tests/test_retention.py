@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy import update
 
 from config import load_settings
+from config import JobSpec
 from db import Checkpoint, Database, checkpoints, jobs
 from processor import retention
 from tests.daemon import Folders
@@ -43,7 +44,7 @@ def add_checkpoint(settings, db, fingerprint: str, size: int, days_unused: float
 
 def add_job(db, state: str, work_dir: str = "/w/jobs/x", fingerprints=(), finished_days_ago=None) -> int:
     with db.begin() as session:
-        job = jobs.create_job(session, name="j", source="j.json", ingest_key="k", spec={}, inputs=[],
+        job = jobs.create_job(session, name="j", source="j.json", ingest_key="k", spec=JobSpec(prompt="p", seed=1, output_name="j"), inputs=[],
                               work_dir=work_dir)
         job.state = state
         if finished_days_ago is not None:

@@ -10,42 +10,40 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
-from batch import drop_jobs, model_sizes, run_batch, settings_for  # noqa: E402
+from batch import drop_jobs, run_batch, settings_for  # noqa: E402
 
 from processor.daemon import Daemon  # noqa: E402
 from tests.daemon import Folders, make_image, tiny_job  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def budget(tmp_path_factory, tiny_model) -> int:
-    """Room for the diffusion model and the VAE, not for the text encoder besides them."""
-    sizes = model_sizes(tmp_path_factory.mktemp("sizes"), tiny_model)
-    return sizes["transformer"] + sizes["vae"] + 1024
+# The fake engine's models: 1 MB VAE, 4 MB text encoder, 8 MB diffusion model (its defaults).
+TIGHT = 8_000_000 + 1_000_000 + 1024  # room for the diffusion model and the VAE, not the text encoder too
 
 
-def test_stage_major_loads_each_model_once_for_a_batch_that_does_not_fit_in_memory(tmp_path, tiny_model, budget):
-    result = run_batch(tmp_path, tiny_model, 4, scheduling="stage-major", model_memory_budget=budget)
+def test_stage_major_loads_each_model_once_for_a_batch_that_does_not_fit_in_memory(tmp_path):
+    result = run_batch(tmp_path, None, 4, scheduling="stage-major", model_memory_budget=TIGHT)
     assert result.published == 4
     assert result.loads == {"text_encoder": 1, "vae": 1, "transformer": 1}
     assert result.unloads == {"text_encoder": 1}
 
 
-def test_job_by_job_reloads_models_for_every_job_under_the_same_budget(tmp_path, tiny_model, budget):
-    result = run_batch(tmp_path, tiny_model, 4, scheduling="job-by-job", model_memory_budget=budget)
+def test_job_by_job_reloads_models_for_every_job_under_the_same_budget(tmp_path):
+    result = run_batch(tmp_path, None, 4, scheduling="job-by-job", model_memory_budget=TIGHT)
     assert result.published == 4
     assert result.loads["text_encoder"] == 4 and result.loads["transformer"] == 4
 
 
-def test_both_policies_give_the_same_images(tmp_path, tiny_model, budget):
-    for policy in ("stage-major", "job-by-job"):
-        run_batch(tmp_path / policy, tiny_model, 3, scheduling=policy, model_memory_budget=budget)
+def test_both_policies_give_the_same_images(tmp_path):
+    for policy in ("stage-major", "job-by-job", "auto"):
+        run_batch(tmp_path / policy, None, 3, scheduling=policy, model_memory_budget=TIGHT)
     for name in ("job-0000.png", "job-0001.png", "job-0002.png"):
-        assert (tmp_path / "stage-major" / "outbox" / name).read_bytes() == \
-               (tmp_path / "job-by-job" / "outbox" / name).read_bytes()
+        expected = (tmp_path / "job-by-job" / "outbox" / name).read_bytes()
+        assert (tmp_path / "stage-major" / "outbox" / name).read_bytes() == expected
+        assert (tmp_path / "auto" / "outbox" / name).read_bytes() == expected
 
 
-def test_a_higher_priority_job_is_finished_first(tmp_path, tiny_model):
-    settings = settings_for(tmp_path, tiny_model)
+def test_a_higher_priority_job_is_finished_first(tmp_path):
+    settings = settings_for(tmp_path, None)
     drop_jobs(settings.inbox, 3)
     urgent = settings.inbox / "urgent"
     (tmp_path / "staging").mkdir()

@@ -161,8 +161,8 @@ def test_the_daemon_tells_systemd_ready_status_watchdog_and_stopping(folders: Fo
 
 
 def test_sigterm_stops_at_a_step_boundary_and_the_next_start_resumes_with_the_same_bytes(folders: Folders,
-                                                                                         tmp_path, tiny_model):
-    reference = Folders(tmp_path / "reference", tiny_model)
+                                                                                         tmp_path):
+    reference = Folders(tmp_path / "reference")
     reference.drop("edit", tiny_job(seed=5, steps=6))
     assert reference.run("serve", "--once").returncode == 0
     expected = (reference.outbox / "edit.png").read_bytes()

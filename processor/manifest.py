@@ -1,0 +1,44 @@
+"""The manifest published beside every output: what was asked, what ran, how and where."""
+
+from __future__ import annotations
+
+import platform
+from typing import Any
+
+from config import Settings
+from db import Job, StageRun, utcnow
+from processor.plan import JobPlan
+from stages import Engine
+
+
+def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, runs: list[StageRun],
+                   attempts: int, crashes: int, model_loads: dict[str, int]) -> dict[str, Any]:
+    spec = job.spec
+    return {
+        "job": {"id": job.id, "name": job.name, "source": job.source,
+                "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
+                "attempts": attempts, "crashes": crashes},
+        "job_file": spec.job_file,
+        "prompt": spec.prompt,
+        "negative_prompt": spec.negative_prompt,
+        "seed": spec.seed,
+        "seed_source": spec.seed_source,
+        "parameters": plan.params.model_dump(mode="json"),
+        "inputs": [i.model_dump(mode="json") for i in job.inputs],
+        "engine": {"name": engine.name, "version": engine.version(), "device": engine.device_name(),
+                   "threads": settings.effective_threads},
+        "models": plan.identities,
+        "fingerprints": plan.chain,
+        "stages": [stage_row(run) for run in runs],
+        "model_loads_for_this_job": model_loads,
+        "model_cache": engine.cache.stats.as_dict(),
+        "host": platform.node(),
+        "published_at": utcnow().isoformat(timespec="seconds") + "Z",
+    }
+
+
+def stage_row(run: StageRun) -> dict[str, Any]:
+    return {"stage": run.stage, "fingerprint": run.fingerprint, "cache_hit": run.cache_hit,
+            "duration_s": round(run.duration_s or 0.0, 4), "resumed_from_step": run.resumed_from_step,
+            "device": run.device, "worker": run.worker, "checkpoint_sha256": run.checkpoint_sha256,
+            "error": run.error, "at": run.started_at.isoformat(timespec="seconds") + "Z"}
