@@ -81,10 +81,11 @@ def main() -> None:
                     raise SystemExit(f"the daemon exited:\n{daemon.log[-3000:]}")
                 time.sleep(0.2)
             samples.append((done, rss_mb(daemon.process.pid)))
-            failed = folders.db_rows("SELECT COUNT(*) FROM jobs WHERE state = 'failed'")[0][0]
+            failures = folders.db_rows("SELECT name, error FROM jobs WHERE state = 'failed'")
+            failed = len(failures)
             daemon.stop()
     warm = [mb for jobs, mb in samples if jobs >= min(300, args.jobs // 3)]
-    print(f"\nfailed jobs: {failed}")
+    print(f"\nfailed jobs: {failed}" + "".join(f"\n  {name}: {error}" for name, error in failures[:10]))
     print(f"RSS after warm-up (from job {min(300, args.jobs // 3)}): min {min(warm):.0f} MB, max {max(warm):.0f} MB, "
           f"spread {max(warm) - min(warm):.0f} MB (goal: within 100 MB); first sample {samples[0][1]:.0f} MB, "
           f"last {samples[-1][1]:.0f} MB")

@@ -30,6 +30,7 @@ class FakeEngineSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     unit_seconds: float = Field(0.0, ge=0, description="Seconds every stage takes (sampling spreads them over its steps).")
+    sample_seconds: Optional[float] = Field(None, ge=0, description="Seconds sampling takes (unset: `unit_seconds`), for a sampling-heavy job like the real model's.")
     vae_bytes: int = Field(1_000_000, ge=1, description="Size of the fake VAE in the model cache.")
     text_encoder_bytes: int = Field(4_000_000, ge=1, description="Size of the fake text encoder.")
     transformer_bytes: int = Field(8_000_000, ge=1, description="Size of the fake diffusion model.")
@@ -86,7 +87,8 @@ class Settings(BaseSettings):
 
     # Queue
     scheduling: Literal["auto", "stage-major", "job-by-job"] = Field("auto", description="`auto`: jobs in order when every model the queued work needs fits `model_memory_budget` together, else grouped by model in windows of `batch_window` jobs; `stage-major`: run a stage for every ready job while its models are loaded (fewest loads, latest first result); `job-by-job`: finish one job before the next.")
-    batch_window: int = Field(4, ge=1, le=1000, description="With `scheduling = \"auto\"` when the models do not fit together: how many jobs share each model load. Larger saves loads, smaller gives earlier results; no job waits behind more than one window of others.")
+    batch_window: int = Field(6, ge=1, le=1000, description="With `scheduling = \"auto\"` when the models do not fit together: how many jobs share each model load. Larger saves loads, smaller gives earlier results; no job waits behind more than one window of others.")
+    prefetch: bool = Field(True, description="While a unit runs, prepare the next job's images and load the next unit's models where they fit beside the loaded ones, so the device does not wait between jobs.")
     max_wait: float = Field(600.0, gt=0, description="A job waiting longer than this (seconds since it was queued) runs before everything else.")
     max_attempts: int = Field(3, ge=1, description="Tries for a job whose errors are transient (out of memory, I/O, device).")
     retry_backoff: float = Field(30.0, ge=0, description="Seconds before the first retry; doubles each attempt.")

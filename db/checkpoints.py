@@ -123,12 +123,12 @@ def finish_run(session: Session, run_id: int, sha256: Optional[str], duration_s:
 
 def record_run(session: Session, job_id: int, stage: str, fingerprint: str, sha256: Optional[str], device: str,
                worker: str, started_at: datetime, duration_s: float, resumed_from_step: Optional[int] = None,
-               error: Optional[str] = None) -> None:
+               error: Optional[str] = None, load_s: float = 0.0) -> None:
     """A finished computation of a stage (with its checkpoint's sha256, or the error that ended it)."""
     session.execute(_START_RUN, {"job_id": job_id, "stage": stage, "fingerprint": fingerprint, "device": device,
                                  "worker": worker, "cache_hit": False, "started_at": started_at,
                                  "finished_at": utcnow(), "duration_s": duration_s, "checkpoint_sha256": sha256,
-                                 "resumed_from_step": resumed_from_step, "error": error})
+                                 "resumed_from_step": resumed_from_step, "error": error, "load_s": load_s})
 
 
 def record_hit(session: Session, job_id: int, stage: str, fingerprint: str, sha256: str,

@@ -76,6 +76,13 @@ def create_job(session: Session, *, name: str, source: str, ingest_key: str, spe
     return job
 
 
+def record_estimates(session: Session, estimates: dict[int, tuple[datetime, datetime]]) -> None:
+    """Store, for jobs that have none yet, the start and finish estimated when they were queued."""
+    for job_id, (start, finish) in estimates.items():
+        session.execute(update(Job).where(Job.id == job_id, Job.estimated_finish.is_(None))
+                        .values(estimated_start=start, estimated_finish=finish))
+
+
 def find_uncleared_ingest(session: Session, ingest_key: str) -> Optional[Job]:
     """A job made from this very drop whose inbox files were not yet removed (a crash in between)."""
     stmt = select(Job).where(Job.ingest_key == ingest_key, Job.inbox_cleared.is_(False))

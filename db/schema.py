@@ -104,6 +104,8 @@ class Job(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     started_at: Mapped[Optional[datetime]] = mapped_column()
     finished_at: Mapped[Optional[datetime]] = mapped_column()
+    estimated_start: Mapped[Optional[datetime]] = mapped_column()  # as estimated when it was queued
+    estimated_finish: Mapped[Optional[datetime]] = mapped_column()
 
     stage_runs: Mapped[list["StageRun"]] = relationship(back_populates="job", order_by="StageRun.id")
 
@@ -123,6 +125,7 @@ class StageRun(Base):
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[Optional[datetime]] = mapped_column()
     duration_s: Mapped[Optional[float]] = mapped_column(Float)
+    load_s: Mapped[Optional[float]] = mapped_column(Float)  # of duration_s, loading models
     device: Mapped[Optional[str]] = mapped_column(String(128))
     worker: Mapped[Optional[str]] = mapped_column(String(255))
     error: Mapped[Optional[str]] = mapped_column(Text)

@@ -28,6 +28,8 @@ lease expired).
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import fcntl
 import json
 import logging
@@ -42,12 +44,14 @@ from typing import Any, Optional
 from config import Settings
 from db import Database, jobs, utcnow
 from processor import files, retention
+from processor.estimate import queue_estimates
 from processor.faults import fault_point
 from processor.ingest import Ingestor
 from processor.ingest_loop import IngestLoop
 from processor.lease import Heartbeat, is_dead
 from processor.logs import job_context, report_progress
 from processor.plan import Planner
+from processor.prefetch import Prefetcher
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
 from processor.store import CheckpointStore
@@ -123,6 +127,14 @@ def write_status_file(path: Path, status: dict) -> None:
     os.replace(tmp, path)
 
 
+def release_free_memory() -> None:
+    """``malloc_trim(0)`` where the C library has it (glibc); nothing elsewhere."""
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def ensure_tiny_model(settings: Settings) -> None:
     """Build the built-in tiny model when no real model is configured (diffusers engine)."""
     if settings.engine != "diffusers" or settings.model_path is not None:
@@ -154,6 +166,7 @@ class Daemon:
                                 on_load=self._on_model_load)
         self.writer = Writer()
         self.intake: Optional[IngestLoop] = None
+        self.prefetcher: Optional[Prefetcher] = None
         self._engine: Optional[Engine] = None
         self._signals = 0
         self._trouble = 0  # consecutive failed rounds of the loop
@@ -165,6 +178,7 @@ class Daemon:
         self._housekeeper_stop = threading.Event()
         self._next_recovery = 0.0
         self._next_gc = 0.0
+        self._next_trim = 0.0
 
     # Start-up -------------------------------------------------------------------------------
 
@@ -194,19 +208,39 @@ class Daemon:
         if self.stages is not None and not self.db.shared:
             log.warning("a worker for some stages with SQLite: no other process can run the other stages "
                         "(several workers need PostgreSQL, see docs/scaling.md)")
+        if self.settings.prefetch:
+            # With several workers (PostgreSQL) another may take the next job: its images are not
+            # prepared ahead here, only models loaded.
+            self.prefetcher = Prefetcher(self.planner, self.store, self.engine, self.worker,
+                                         self.settings.max_image_pixels,
+                                         recorded=lambda: self.scheduler.queue.recorded,
+                                         prepare=not self.db.shared)
+            self.runner.before_compute = self.prefetcher.wait_for
+            self.prefetcher.start()
         self.writer.start()
         self.heartbeat.start()
         self._recover()
         self._next_recovery = time.monotonic() + self.recovery_interval
         if self.ingest:
             self.intake = IngestLoop(self.settings, self.db, Ingestor(self.settings, self.db),
-                                     on_ingested=self.work_arrived.set, watch=not self.once)
+                                     on_ingested=self._ingested, watch=not self.once)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="qie-housekeeper", daemon=True)
         self._housekeeper.start()
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
                  self.settings.outbox, self.settings.engine, self.worker,
                  ",".join(sorted(self.stages)) if self.stages is not None else "all",
                  "" if self.ingest else " (not ingesting)")
+
+    def _ingested(self) -> None:
+        """New jobs are queued (the ingest thread tells): wake the compute loop, and record when
+        the new jobs are estimated to start and finish (for their manifests)."""
+        self.work_arrived.set()
+        try:
+            estimates = queue_estimates(self.db, utcnow())
+            with self.db.begin() as session:
+                jobs.record_estimates(session, {job_id: (e.start, e.finish) for job_id, e in estimates.items()})
+        except Exception as exc:  # noqa: BLE001 - an estimate is never worth a failed ingest
+            log.warning("could not record the estimates of the new jobs: %s", exc)
 
     @property
     def ingestor(self) -> Optional[Ingestor]:
@@ -303,6 +337,8 @@ class Daemon:
             unit = self.scheduler.next_unit(utcnow())
         if unit is None:
             return False
+        if self.prefetcher is not None:
+            self.prefetcher.consider(unit, self.scheduler.upcoming, load_models=self.scheduler.models_fit_now)
         with job_context(unit.job.id, unit.stage):  # every log line of the unit names its job and stage
             outcome = self.runner.run(unit)
         self.scheduler.finished(unit, outcome)
@@ -386,7 +422,7 @@ class Daemon:
     def _housekeeping(self) -> None:
         while True:
             now = time.monotonic()
-            for duty in (self._write_status, self._recover_when_due, self._collect_when_due):
+            for duty in (self._write_status, self._recover_when_due, self._collect_when_due, self._trim_when_due):
                 try:
                     duty(now)
                 except Exception:  # noqa: BLE001 - housekeeping must not stop the daemon
@@ -420,6 +456,14 @@ class Daemon:
             report = retention.collect(self.settings, self.db, utcnow())
         if report.removed:
             log.info("clean-up: %s", report.summary())
+
+    def _trim_when_due(self, now: float) -> None:
+        """Give the memory freed since the last time back to the system, once a minute: glibc keeps
+        freed memory of its per-thread arenas, so with several threads handling images and tensors
+        the resident size otherwise creeps up job after job (bench/soak.py)."""
+        if now >= self._next_trim:
+            self._next_trim = now + 60.0
+            release_free_memory()
 
     # Stopping -------------------------------------------------------------------------------
 
@@ -464,6 +508,7 @@ class Daemon:
         """Stop the threads beside the loop, hand back the job held and wait for the writer. Each
         step is tried whatever the previous one did (a full disk must not leave jobs claimed)."""
         steps = [("ingest", self.intake.stop if self.intake is not None else None),
+                 ("prefetch", self.prefetcher.stop if self.prefetcher is not None else None),
                  ("housekeeper", self._stop_housekeeper)]
         if self.db is not None:
             steps += [("held job", lambda: self.scheduler.release_held("stopped between stages; will resume")),

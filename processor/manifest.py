@@ -31,10 +31,21 @@ def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, 
         "fingerprints": plan.chain,
         "stages": [stage_row(run) for run in runs],
         "model_loads_for_this_job": model_loads,
+        "timing": timing(job),
         "model_cache": engine.cache.stats.as_dict(),
         "host": platform.node(),
         "published_at": utcnow().isoformat(timespec="seconds") + "Z",
     }
+
+
+def timing(job: Job) -> dict[str, Any]:
+    """When the job was queued, started and published, and what was estimated when it was queued."""
+    def stamp(value):
+        return value.isoformat(timespec="seconds") + "Z" if value is not None else None
+
+    return {"queued_at": stamp(job.created_at), "started_at": stamp(job.started_at),
+            "published_at": stamp(utcnow()), "estimated_start_when_queued": stamp(job.estimated_start),
+            "estimated_finish_when_queued": stamp(job.estimated_finish)}
 
 
 def stage_row(run: StageRun) -> dict[str, Any]:

@@ -5,13 +5,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import timedelta
+from datetime import timedelta, timezone
 from typing import Any, Optional
 
 from config import Settings
 from config.untrusted import printable
 from db import Database, checkpoints, jobs, utcnow
 from db.schema import Event
+from processor.estimate import Estimate, queue_estimates
 from sqlalchemy import select
 
 
@@ -38,14 +39,29 @@ def _progress(job) -> str:
     return "..."
 
 
+def _eta(estimate: Optional[Estimate], state: str) -> str:
+    """``12:03-12:05`` (start-finish) for a queued job, ``12:05`` (finish) for a running one, in local time."""
+    if estimate is None:
+        return ""
+    def local(at):
+        return at.replace(tzinfo=timezone.utc).astimezone().strftime("%H:%M:%S")
+    return local(estimate.finish) if state == "running" else f"{local(estimate.start)}-{local(estimate.finish)}"
+
+
 def status_rows(db: Database, include_finished: bool = True, limit: int = 50) -> tuple[list[dict], list[dict]]:
     states = None if include_finished else ["waiting", "queued", "running"]
+    estimates = queue_estimates(db, utcnow())
     with db.begin() as session:
-        rows = [{"id": j.id, "name": j.name, "state": j.state, "stage": j.stage or "", "progress": _progress(j),
-                 "step": j.step, "steps_total": j.steps_total, "preset": j.preset,
-                 "attempts": j.attempts, "age": _age(j.created_at), "created_at": j.created_at.isoformat() + "Z",
-                 "error": j.error or "", "output": j.result.image if j.result else ""}
-                for j in jobs.list_jobs(session, states, limit)]
+        rows = []
+        for j in jobs.list_jobs(session, states, limit):
+            estimate = estimates.get(j.id)
+            rows.append({"id": j.id, "name": j.name, "state": j.state, "stage": j.stage or "",
+                         "progress": _progress(j), "step": j.step, "steps_total": j.steps_total, "preset": j.preset,
+                         "attempts": j.attempts, "age": _age(j.created_at),
+                         "created_at": j.created_at.isoformat() + "Z", "error": j.error or "",
+                         "output": j.result.image if j.result else "", "eta": _eta(estimate, j.state),
+                         "estimated_start": estimate.start.isoformat() + "Z" if estimate else None,
+                         "estimated_finish": estimate.finish.isoformat() + "Z" if estimate else None})
         since = utcnow() - timedelta(hours=1)
         alarms = [{"at": e.at.isoformat() + "Z", "message": e.message}
                   for e in session.scalars(select(Event).where(Event.job_id.is_(None), Event.kind == "alarm",
@@ -84,9 +100,9 @@ def status_table(rows: list[dict], alarms: list[dict], daemons: Optional[list[di
     lines += [daemon_line(daemon) for daemon in daemons or ()]
     if not rows:
         return "\n".join(lines + ["no jobs yet"])
-    header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "DETAIL")
+    header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "ETA", "DETAIL")
     body = [(str(r["id"]), printable(r["name"])[:32], r["state"], printable(r["stage"]), r["progress"], r["age"],
-             printable(r["error"] or os.path.basename(r["output"]))[:60]) for r in rows]
+             r["eta"], printable(r["error"] or os.path.basename(r["output"]))[:60]) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(lines + [fmt.format(*header)] + [fmt.format(*b) for b in body])

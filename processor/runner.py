@@ -72,6 +72,7 @@ class JobRunner:
         self.stop = stop
         self.progress = progress or (lambda _text: None)
         self._used: set[tuple[int, str]] = set()  # (job, stage) whose result the job has computed or noted
+        self.before_compute: Callable[[str], None] = lambda fingerprint: None  # waits for work done ahead
         self.model_loads: dict[int, Counter] = {}
 
     @property
@@ -95,8 +96,13 @@ class JobRunner:
                 image = self._obtain(BY_NAME[publish.FINAL], job, plan)
                 return self._publish(job, plan, image)
             stage = BY_NAME[unit.stage]
-            inputs = {read: self._obtain(BY_NAME[read], job, plan) for read in stage.reads}
-            payload = self._compute(stage, job, plan, inputs)
+            self.before_compute(plan.chain[stage.name])
+            ahead = self.store.memo.get(plan.chain[stage.name])  # computed ahead (prefetch) meanwhile
+            if ahead is not None:
+                payload = self._obtain(stage, job, plan)
+            else:
+                inputs = {read: self._obtain(BY_NAME[read], job, plan) for read in stage.reads}
+                payload = self._compute(stage, job, plan, inputs)
             if stage.final:
                 return self._publish(job, plan, payload)
             return Outcome.COMPUTED
@@ -154,13 +160,15 @@ class JobRunner:
         fault_point(f"stage.{name}")
         fault_point(f"job.{job.name}.stage.{name}")
         started_at, started = utcnow(), time.perf_counter()
+        loading_before = self.engine.cache.thread_load_seconds()
         recorder = StepRecorder(self, job, stage, fingerprint, steps_total, resumed_from) if stage.stepped else None
         call = StageCall(engine=self.engine, inputs=inputs, job=plan.job, params=plan.params,
                          image_paths=plan.image_paths, max_image_pixels=self.settings.max_image_pixels,
                          resume=resume, on_step=recorder, should_stop=lambda: self.should_stop(job))
         def run_record() -> Run:
             return Run(job.id, name, fingerprint, self.engine.device_name(), self.worker, started_at,
-                       time.perf_counter() - started, resumed_from)
+                       time.perf_counter() - started, resumed_from,
+                       self.engine.cache.thread_load_seconds() - loading_before)
 
         try:
             payload = stage.compute(call)

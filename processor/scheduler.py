@@ -5,10 +5,12 @@ Two costs pull against each other: model swaps and the time until each result ap
 - ``auto`` (the default) looks at the models the queued work needs. When they all fit the
   memory budget together, nothing is saved by batching: jobs run in order (priority, then age)
   and each is finished before the next starts, so results arrive one job-time apart. When they
-  do not fit, jobs are taken in windows of ``batch_window``: within a window the work is grouped
-  by stage and model (text-encode the window's jobs while the text encoder is loaded, then
-  sample them while the diffusion model is), so each swap is amortised over the window, and no
-  job waits behind more than one window of other work.
+  do not fit, jobs are taken in windows of ``batch_window``: within a window, work whose models
+  are loaded goes first, the furthest along first, and work that needs a model load is grouped
+  by stage (text-encode the window's jobs while the text encoder is loaded, then sample them
+  while the diffusion model is, decoding each as soon as it is sampled), so each swap is
+  amortised over the window, results still come one by one, and no job waits behind more than
+  one window of other work.
 - ``stage-major`` runs one stage for every ready job before switching (the whole queue is one
   window): fewest model loads, latest first result.
 - ``job-by-job`` finishes one job before starting the next, whatever the budget.
@@ -127,8 +129,11 @@ class Scheduler:
         self._engine = engine
         self.stages = stages  # None: every stage
         self.held: Optional[Job] = None  # the job worked on last, still claimed
+        self.releasing: dict[int, Job] = {}  # jobs handed back, their release still with the writer
         self.last_stage: Optional[str] = None
         self.window: list[int] = []  # the jobs of the current window (``auto`` when models do not fit)
+        self.upcoming: list[Unit] = []  # what would run after the unit last handed out, in order
+        self.models_fit_now = True  # whether the models the ready work needs fit the budget together
         self.queue = QueueView(planner)
 
     # What can run ---------------------------------------------------------------------------------
@@ -141,6 +146,11 @@ class Scheduler:
         if self.held is not None:
             plan = self.planner.plan(self.held)
             units += self._units(self.held, plan, recorded | self.runner.done_fingerprints(self.held.id, plan))
+        claimable = {known.job.id for known in queue}
+        self.releasing = {job_id: job for job_id, job in self.releasing.items() if job_id not in claimable}
+        for job in self.releasing.values():  # claimable as soon as the writer gets to them
+            plan = self.planner.plan(job)
+            units += self._units(job, plan, recorded | self.runner.done_fingerprints(job.id, plan))
         for known in queue:
             if known.error is not None:
                 units.append(Unit(known.job, "prepare", (), known.error))
@@ -163,23 +173,25 @@ class Scheduler:
     def policy(self, units: list[Unit]) -> str:
         """The policy in force: ``auto`` is ``job-by-job`` when every model the ready work needs
         fits the budget together, else ``windowed``."""
+        self.models_fit_now = self.models_fit(units)
         if self.settings.scheduling != "auto":
             return self.settings.scheduling
-        return "job-by-job" if self.models_fit(units) else "windowed"
+        return "job-by-job" if self.models_fit_now else "windowed"
 
     def models_fit(self, units: list[Unit]) -> bool:
-        roles = {role for unit in units for role in unit.models}
+        """Whether every model the jobs of ``units`` need, for all their stages, fits the budget
+        together (sizes as measured at their last load, else the engine's estimates)."""
         engine = self._engine()
         budget = engine.cache.budget_bytes
-        if budget is None or not roles:
+        if budget is None or not units:
             return True
-        known = engine.cache.known_sizes()
-        estimates: dict[str, int] = {}
-        for unit in units:
-            missing = [role for role in unit.models if role not in known and role not in estimates]
-            if missing:
-                estimates.update(engine.model_bytes(unit.job.spec.parameters))
-        return sum(known.get(role, estimates.get(role, 0)) for role in roles) <= budget
+        jobs_params = {unit.job.id: unit.job.spec.parameters for unit in units}
+        roles = {role for params in jobs_params.values() for stage in STAGE_NAMES
+                 for role in engine.stage_models(stage, params)}
+        sizes = engine.cache.known_sizes()
+        if not roles <= set(sizes):
+            sizes = {**engine.model_bytes(next(iter(jobs_params.values()))), **sizes}
+        return sum(sizes.get(role, 0) for role in roles) <= budget
 
     def order(self, units: list[Unit], now: datetime) -> list[Unit]:
         """Units best first, by the policy in force."""
@@ -204,7 +216,16 @@ class Scheduler:
         if policy == "stage-major":
             return sorted(units, key=lambda u: (*urgency(u), *by_stage(u), *age(u)))
         window = self._window(units, urgency, age)
-        return sorted(units, key=lambda u: (0 if u.job.id in window else 1, *urgency(u), *by_stage(u), *age(u)))
+
+        def windowed(unit: Unit) -> tuple:
+            # Within the window: work whose models are loaded first, the furthest along first (a
+            # sampled job is decoded while the VAE is there: results come one by one); work that
+            # needs a load grouped by stage, so one load serves the whole window.
+            ready = set(unit.models) <= loaded
+            return (0 if unit.job.id in window else 1, *urgency(unit), 0 if ready else 1,
+                    -STAGE_ORDER[unit.stage] if ready else STAGE_ORDER[unit.stage], *age(unit))
+
+        return sorted(units, key=windowed)
 
     def _window(self, units: list[Unit], urgency: Callable, age: Callable) -> set[int]:
         """The jobs of the current window: kept while any of them has work ready; a new one is
@@ -227,14 +248,19 @@ class Scheduler:
     def next_unit(self, now: datetime) -> Optional[Unit]:
         """The next unit to run, its job claimed (or still held); None when nothing is due. A held
         job whose next unit is not the best goes back to the queue (after its writes)."""
-        for unit in self.order(self.ready_units(now), now):
+        ordered = self.order(self.ready_units(now), now)
+        for index, unit in enumerate(ordered):
+            self.upcoming = ordered[index + 1:]
             if self.held is not None and unit.job.id == self.held.id:
                 return unit
             self.release_held()
+            if self.releasing.pop(unit.job.id, None) is not None:  # just handed back: wait for its writes
+                self.runner.writer.flush(unit.job.id)
             if self._claim(unit, now):
                 self.runner.heartbeat.hold(unit.job.id)
                 self.held = unit.job
                 return unit
+        self.upcoming = []
         self.release_held()
         return None
 
@@ -247,6 +273,8 @@ class Scheduler:
     def release_held(self, reason: Optional[str] = None) -> None:
         if self.held is not None:
             self.runner.release(self.held, reason)
+            if reason is None:
+                self.releasing[self.held.id] = self.held
             self.held = None
 
     def _claim(self, unit: Unit, now: datetime) -> bool:

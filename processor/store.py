@@ -47,10 +47,12 @@ class Remembered:
 
 
 class Memo:
-    """Recent stage results in memory, least recently used evicted beyond ``max_bytes``."""
+    """Recent stage results in memory, least recently used evicted beyond ``max_bytes`` or
+    ``max_items`` (results not yet written are kept whatever the bounds)."""
 
-    def __init__(self, max_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, max_bytes: int = 512 * 1024 * 1024, max_items: int = 64):
         self.max_bytes = max_bytes
+        self.max_items = max_items
         self._items: "OrderedDict[str, Remembered]" = OrderedDict()
         self._lock = threading.Lock()
 
@@ -84,12 +86,14 @@ class Memo:
 
     def _trim(self) -> None:
         total = sum(item.size for item in self._items.values())
+        count = len(self._items)
         for fingerprint in list(self._items):
-            if total <= self.max_bytes:
+            if total <= self.max_bytes and count <= self.max_items:
                 return
             item = self._items[fingerprint]
             if not item.pinned:
                 total -= item.size
+                count -= 1
                 del self._items[fingerprint]
 
 
@@ -120,6 +124,7 @@ class Run:
     started_at: Any  # naive UTC datetime
     seconds: float
     resumed_from_step: Optional[int] = None
+    load_seconds: float = 0.0  # of ``seconds``, loading models
 
 
 class CheckpointStore:
@@ -196,7 +201,8 @@ class CheckpointStore:
                     if sha is not None:
                         checkpoints.record(session, fingerprint, stage, str(path), sha, size)
                     checkpoints.record_run(session, run.job_id, stage, fingerprint, sha, run.device, run.worker,
-                                           run.started_at, run.seconds, run.resumed_from_step, error)
+                                           run.started_at, run.seconds, run.resumed_from_step, error,
+                                           run.load_seconds)
                     if error is not None:
                         jobs.add_event(session, run.job_id, "checkpoint", error, level="warning")
                     if forget_partials and sha is not None:

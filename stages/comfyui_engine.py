@@ -335,6 +335,12 @@ class ComfyUIEngine:
     def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
         return STAGE_MODELS[stage]
 
+    def load_models(self, stage: str, params: StageParameters) -> None:
+        loaders = {"vae": self._vae, "text_encoder": self._text_encoder,
+                   "transformer": lambda: self._transformer(params)}
+        for role in STAGE_MODELS[stage]:
+            loaders[role]()
+
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         """Estimates of each role's size once loaded: the size of its file."""
         sizes = {}

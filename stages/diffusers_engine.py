@@ -163,6 +163,11 @@ class DiffusersEngine:
     def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
         return STAGE_MODELS[stage]
 
+    def load_models(self, stage: str, params: StageParameters) -> None:
+        loaders = {"vae": self._vae, "text_encoder": self._text_encoder, "transformer": self._transformer}
+        for role in STAGE_MODELS[stage]:
+            loaders[role](params)
+
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         """Estimates of each role's size once loaded: its weight files, scaled to the compute dtype."""
         root = self.model_root()

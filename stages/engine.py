@@ -90,6 +90,10 @@ class Engine(Protocol):
         """The model roles this engine loads to compute ``stage`` for a job with ``params``
         (it may need fewer than the stage's fingerprint names, e.g. no VAE at cfg 1)."""
 
+    def load_models(self, stage: str, params: StageParameters) -> None:
+        """Load (through the cache) the models ``stage`` needs for a job with ``params``; called
+        ahead of the stage inside ``cache.prefetching()`` when they fit beside the loaded ones."""
+
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         """Estimates of the bytes each role's model holds once loaded, before it is (the
         scheduler decides from them whether the queued work's models fit the budget together)."""

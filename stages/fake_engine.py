@@ -73,6 +73,10 @@ class FakeEngine:
     def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
         return STAGE_MODELS[stage]
 
+    def load_models(self, stage: str, params: StageParameters) -> None:
+        for role in STAGE_MODELS[stage]:
+            self._model(role)
+
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         return {role: self.options.model_bytes(role) for role in ROLES}
 
@@ -122,7 +126,8 @@ class FakeEngine:
         else:
             start = 0
             x = np.random.default_rng(seed).standard_normal(target.shape, dtype=np.float32)
-        per_step = self.options.unit_seconds / steps
+        seconds = self.options.sample_seconds if self.options.sample_seconds is not None else self.options.unit_seconds
+        per_step = seconds / steps
         for i in range(start, steps):
             if should_stop is not None and should_stop():
                 raise StageInterrupted(f"sampling stopped after step {i} of {steps}")

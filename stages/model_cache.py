@@ -15,7 +15,8 @@ import threading
 import time
 from collections import Counter, OrderedDict
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Optional
+from contextlib import contextmanager
+from typing import Any, Callable, Hashable, Iterator, Optional
 
 log = logging.getLogger(__name__)
 
@@ -60,29 +61,84 @@ class ModelCache:
         self._lock = threading.RLock()
         self._on_load = on_load
         self._sizes: dict[str, int] = {}  # role -> size when last loaded
+        self._loading: dict[Hashable, threading.Event] = {}  # keys being loaded, set when done
+        self._local = threading.local()
         self.stats = CacheStats()
 
-    def get(self, key: Hashable, load: Callable[[], Any], role: str) -> Any:
-        """The model for ``key``, loading it with ``load()`` when absent. ``role`` names it in counts."""
-        with self._lock:
-            if key in self._entries:
-                self._entries.move_to_end(key)
-                return self._entries[key][0]
-            if self._on_load is not None:
-                self._on_load(role)
-            started = time.perf_counter()
-            model = load()
-            if self.load_delay:
-                time.sleep(self.load_delay)
-            elapsed = time.perf_counter() - started
+    @contextmanager
+    def prefetching(self, estimates: Optional[dict[str, int]] = None) -> Iterator[None]:
+        """Loads requested inside (in this thread) are prefetches (see ``get``); ``estimates``:
+        each role's size for a model never loaded yet (a model of unknown size is not prefetched)."""
+        self._local.prefetch = True
+        self._local.estimates = estimates or {}
+        try:
+            yield
+        finally:
+            self._local.prefetch = False
+            self._local.estimates = {}
+
+    def get(self, key: Hashable, load: Callable[[], Any], role: str, prefetch: bool = False) -> Any:
+        """The model for ``key``, loading it with ``load()`` when absent. ``role`` names it in counts.
+
+        A load happens outside the cache's lock (another thread may use a loaded model
+        meanwhile); a second request for the same key waits for the first load. Room is made
+        before loading when the role's size is known from an earlier load, so the device never
+        holds the old and the new model at once. ``prefetch``: loaded ahead of its use, only if
+        it fits beside what is loaded (nothing is evicted for it; None when it does not fit)."""
+        prefetch = prefetch or getattr(self._local, "prefetch", False)
+        while True:
+            with self._lock:
+                if key in self._entries:
+                    self._entries.move_to_end(key)
+                    return self._entries[key][0]
+                pending = self._loading.get(key)
+                if pending is None:
+                    expected = self._sizes.get(role, getattr(self._local, "estimates", {}).get(role, 0))
+                    if prefetch and (role not in self._sizes and not expected or not self._fits(expected)):
+                        return None
+                    if not prefetch:
+                        self._make_room(expected)
+                    pending = self._loading[key] = threading.Event()
+                    break
+            pending.wait()
+        try:
+            model = self._load(load, role)
             size = self._measure(model)
-            self.stats.loads[role] += 1
-            self._sizes[role] = size
-            self.stats.load_seconds += elapsed
-            log.info("loaded %s in %.2fs (%.1f MB)", role, elapsed, size / 1e6)
-            self._make_room(size)
-            self._entries[key] = (model, size, role)
+            with self._lock:
+                self._sizes[role] = size
+                if prefetch and not self._fits(size):
+                    log.info("prefetched %s does not fit beside the loaded models; dropped", role)
+                    return None
+                self._make_room(size)
+                self._entries[key] = (model, size, role)
             return model
+        finally:
+            with self._lock:
+                self._loading.pop(key, None)
+            pending.set()
+
+    def _load(self, load: Callable[[], Any], role: str) -> Any:
+        if self._on_load is not None:
+            self._on_load(role)
+        started = time.perf_counter()
+        model = load()
+        if self.load_delay:
+            time.sleep(self.load_delay)
+        elapsed = time.perf_counter() - started
+        self._local.load_seconds = self.thread_load_seconds() + elapsed
+        with self._lock:
+            self.stats.loads[role] += 1
+            self.stats.load_seconds += elapsed
+        log.info("loaded %s in %.2fs", role, elapsed)
+        return model
+
+    def thread_load_seconds(self) -> float:
+        """Seconds the calling thread has spent loading models (to tell a stage's own time from
+        the loads it waited for)."""
+        return getattr(self._local, "load_seconds", 0.0)
+
+    def _fits(self, incoming: int) -> bool:
+        return self.budget_bytes is None or self.resident_bytes() + incoming <= self.budget_bytes
 
     def loaded(self) -> list[str]:
         with self._lock:

@@ -55,7 +55,7 @@ def test_an_old_database_is_refused_then_upgraded_without_losing_history(folders
 
     # The daemon will not run on a schema it does not know, and says what to run.
     refused = folders.run("serve", "--once")
-    assert refused.returncode == 2
+    assert refused.returncode == 3  # the unit does not restart on it
     assert "schema version 0001" in refused.stderr and "python run.py db-upgrade" in refused.stderr
     assert dump(folders) == before
 
@@ -66,11 +66,15 @@ def test_an_old_database_is_refused_then_upgraded_without_losing_history(folders
     after = dump(folders)
     with sqlite3.connect(folders.state) as conn:
         columns = [row[1] for row in conn.execute("PRAGMA table_info(jobs)")]
-    preset = columns.index("preset")
-    # Every row is still there with every value; the new column is empty for old jobs.
-    assert [row[:preset] + row[preset + 1:] for row in after["jobs"]] == before["jobs"]
-    assert [row[preset] for row in after["jobs"]] == [None, None]
-    assert {t: after[t] for t in TABLES if t != "jobs"} == {t: before[t] for t in TABLES if t != "jobs"}
+    added = [columns.index(name) for name in ("preset", "estimated_start", "estimated_finish")]
+    # Every row is still there with every value; the new columns are empty for old jobs.
+    assert [tuple(v for i, v in enumerate(row) if i not in added) for row in after["jobs"]] == before["jobs"]
+    assert [[row[i] for i in added] for row in after["jobs"]] == [[None] * 3, [None] * 3]
+    assert {t: after[t] for t in TABLES if t not in ("jobs", "stage_runs")} == \
+        {t: before[t] for t in TABLES if t not in ("jobs", "stage_runs")}
+    # stage_runs gained load_s (empty for old runs) at the end.
+    assert [row[:-1] for row in after["stage_runs"]] == before["stage_runs"]
+    assert [row[-1] for row in after["stage_runs"]] == [None]
 
     status = json.loads(folders.run("status", "--json").stdout)["jobs"]
     assert [(j["name"], j["state"]) for j in status] == [("broken", "failed"), ("winter", "done")]

@@ -9,8 +9,8 @@ from tests.daemon import Folders, tiny_job
 
 
 def test_a_drop_is_queued_and_shown_by_status_while_a_long_unit_runs(folders: Folders):
-    # Preconditions: every unit takes 8 s (a GPU busy with a long sampling run).
-    with folders.serve(QIE_FAKE__UNIT_SECONDS="8") as daemon:
+    # Preconditions: every unit takes a minute (a GPU busy with a long sampling run).
+    with folders.serve(QIE_FAKE__UNIT_SECONDS="60") as daemon:
         daemon.wait_ready()
         folders.drop("long", tiny_job(seed=1))
         daemon.wait_for(lambda: folders.db_rows("SELECT id FROM jobs WHERE name = 'long' AND stage = 'encode_text'"),
@@ -20,7 +20,7 @@ def test_a_drop_is_queued_and_shown_by_status_while_a_long_unit_runs(folders: Fo
         folders.drop("newcomer", tiny_job(seed=2))
 
         # Postconditions: queued, and listed by status, before the running unit has ended.
-        daemon.wait_for(lambda: folders.job_states().get("newcomer") == "queued", timeout=6, what="the drop queued")
+        daemon.wait_for(lambda: folders.job_states().get("newcomer") == "queued", timeout=50, what="the drop queued")
         listed = {job["name"]: job["state"] for job in json.loads(folders.run("status", "--json").stdout)["jobs"]}
         assert listed == {"long": "running", "newcomer": "queued"}
         assert folders.db_rows("SELECT stage FROM jobs WHERE name = 'long'") == [("encode_text",)]
