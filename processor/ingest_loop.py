@@ -56,7 +56,6 @@ class IngestLoop:
         self.scans = 0
         self.database_refused: Optional[str] = None  # the database's last refusal, while it lasts
         self._scanning = False
-        self._unseen = False  # a scan ingested jobs that ``idle`` has not reported yet
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
         self._watcher: Optional[InboxWatcher] = None
@@ -85,12 +84,7 @@ class IngestLoop:
         return self._thread is not None
 
     def idle(self) -> bool:
-        """Looked at the inbox at least once, not looking now, nothing about to settle, and no
-        job ingested since the last call (so that a caller that read the queue before asking
-        reads it once more)."""
-        if self._unseen:
-            self._unseen = False
-            return False
+        """Looked at the inbox at least once, not looking now, nothing about to settle."""
         return self.scans > 0 and not self._scanning and not self.settling()
 
     def stop(self) -> None:
@@ -145,8 +139,6 @@ class IngestLoop:
                     self._next_scan = now + self.settings.poll_interval
                     return None
                 result = self.ingestor.scan(now, touched)
-            if result.ingested:
-                self._unseen = True
         finally:
             self.scans += 1
             self._scanning = False
