@@ -54,7 +54,7 @@ from processor.files import FileIdentity, copy_durably, digest_file, fsync_dir, 
 from processor.faults import fault_point
 from processor.inbox import (FOLDER_JOB_FILE, PRESET_FILE, Candidate, SettleTracker, find_candidates, is_image_name,
                              not_a_file, present, preset_references, read_regular, refusal, remove_empty_dirs,
-                             resolve_inside)
+                             resolve_inside, signature)
 from processor.logs import job_context
 from stages.prepare import ImageError, load_image
 
@@ -96,6 +96,7 @@ class Ingestor:
         self._presets_usable: set[str] = set()  # presets found usable since their last error
         self._named: dict[str, tuple[tuple, frozenset[str]]] = {}  # job file -> (its signature, what it names)
         self._job_folders: set[str] = set()  # the job folders of this scan (also once ingested during it)
+        self._decoded: dict[Path, Optional[tuple[int, int]]] = {}  # images that decoded, at that size and mtime
 
     def scan(self, now: float, touched: Optional[set[str]] = None) -> ScanResult:
         """Look at everything in the inbox once; ingest what is ready. ``touched``: names directly
@@ -120,7 +121,7 @@ class Ingestor:
                 continue
             previous_reason = waiting.reason
             try:
-                try:
+                try:  # nested: a rejection writes to the database too, which may refuse
                     job_id = self._consider(candidate, waiting, now, claims)
                 except JobFileError as exc:
                     result.failed.append(candidate.source)
@@ -193,11 +194,10 @@ class Ingestor:
         # A job file in the inbox naming another job's file is refused before any waiting; a
         # folder is listed only once its images are there.
         split = self._split(candidate, images, claims) if not candidate.is_folder and candidate.image is None else None
-        for key, path in images.items():
-            reason = self._image_not_ready(candidate, key, path, waiting, now)
-            if reason:
-                waiting.reason = reason
-                return None
+        reason = self._images_not_ready(candidate, images, waiting, now)
+        if reason:
+            waiting.reason = reason
+            return None
         if candidate.is_folder and not all(self.tracker.settled(p, now) for p in candidate.owned_files()):
             waiting.reason = "other files in the job folder still changing"
             return None
@@ -259,29 +259,39 @@ class Ingestor:
         with self.db.begin() as session:
             jobs.add_event(session, None, "alarm", text, level="error")
 
-    def _image_not_ready(self, candidate: Candidate, key: str, path: Path, waiting: Waiting,
-                         now: float) -> Optional[str]:
-        rel = relative_name(path, candidate.folder)
-        what = not_a_file(path, follow=True)
-        if what == "missing":
-            waiting.blocked = True
-            waiting.wakers |= {top_name(relative_name(path, self.settings.inbox))}
-            if now - waiting.first_seen > self.settings.missing_file_timeout:
-                raise JobFileError(candidate.source, f"image file {rel!r} did not appear within "
-                                   f"{self.settings.missing_file_timeout:.0f} s", key)
-            return f"waiting for {key} ({rel})"
-        if what is not None:
-            raise JobFileError(candidate.source, f"{rel!r} is {what}, not an image file", key)
-        if not self.tracker.settled(path, now):
-            return f"{key} ({rel}) still being written"
-        try:
-            load_image(path, key, self.settings.max_image_pixels)
-        except ImageError as exc:
-            # A writer that paused longer than the settle time leaves a truncated image: give it
-            # a while before calling the file broken.
-            if self.tracker.stable_for(path, now) < self.settings.corrupt_grace_seconds:
-                return f"{key} ({rel}) is not a complete image yet"
-            raise JobFileError(candidate.source, str(exc), key) from exc
+    def _images_not_ready(self, candidate: Candidate, images: dict[str, Path], waiting: Waiting,
+                          now: float) -> Optional[str]:
+        """Why the images are not ready yet, None when they are: first that each is there and a
+        file, then that all settled, and only then that each decodes (once per version of the
+        file), so that a job waiting for one image does not decode the others again and again."""
+        for key, path in images.items():
+            rel = relative_name(path, candidate.folder)
+            what = not_a_file(path, follow=True)
+            if what == "missing":
+                waiting.blocked = True
+                waiting.wakers |= {top_name(relative_name(path, self.settings.inbox))}
+                if now - waiting.first_seen > self.settings.missing_file_timeout:
+                    raise JobFileError(candidate.source, f"image file {rel!r} did not appear within "
+                                       f"{self.settings.missing_file_timeout:.0f} s", key)
+                return f"waiting for {key} ({rel})"
+            if what is not None:
+                raise JobFileError(candidate.source, f"{rel!r} is {what}, not an image file", key)
+        for key, path in images.items():
+            if not self.tracker.settled(path, now):
+                return f"{key} ({relative_name(path, candidate.folder)}) still being written"
+        for key, path in images.items():
+            version = signature(path)
+            if self._decoded.get(path) == version:
+                continue
+            try:
+                load_image(path, key, self.settings.max_image_pixels)
+            except ImageError as exc:
+                # A writer that paused longer than the settle time leaves a truncated image: give
+                # it a while before calling the file broken.
+                if self.tracker.stable_for(path, now) < self.settings.corrupt_grace_seconds:
+                    return f"{key} ({relative_name(path, candidate.folder)}) is not a complete image yet"
+                raise JobFileError(candidate.source, str(exc), key) from exc
+            self._decoded[path] = version
         return None
 
     # Whose files -----------------------------------------------------------------------------
@@ -446,7 +456,7 @@ class Ingestor:
         if candidate.is_folder:
             remove_empty_dirs(candidate.folder)
         fsync_dir(candidate.preset_folder if candidate.preset is not None else self.settings.inbox)
-        self.tracker.forget(files)
+        self._forget(files)
         note = None
         if changed:
             names = ", ".join(relative_name(path, self.settings.inbox) for path in changed)
@@ -457,6 +467,11 @@ class Ingestor:
             jobs.mark_inbox_cleared(session, key)
             if note is not None:
                 jobs.add_event(session, job_id, "inbox", note, level="warning")
+
+    def _forget(self, files: list[Path]) -> None:
+        self.tracker.forget(files)
+        for path in files:
+            self._decoded.pop(path, None)
 
     # Rejection ------------------------------------------------------------------------------
 
@@ -482,7 +497,7 @@ class Ingestor:
                                 source=candidate.source, error=str(error), field=error.field)
         if candidate.is_folder:
             remove_empty_dirs(candidate.folder)
-        self.tracker.forget(files)
+        self._forget(files)
         self.waiting.pop(candidate.source, None)
         with self.db.begin() as session:
             jobs.add_event(session, None, "rejected", str(error), level="error")
