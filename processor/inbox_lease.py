@@ -14,7 +14,9 @@ starting then takes it over (moving it aside only if it is still the very file i
   names the holder.
 - PostgreSQL daemons share one queue, and share the lease: any number of them join it (one at
   a time ingests, through the database), none of them joins an SQLite daemon's, and no SQLite
-  daemon joins theirs. Their lease outlives the last of them by ``STALE_SECONDS``.
+  daemon joins theirs. The one that made the lease removes it when it stops; the others make it
+  again at their next refresh (should an SQLite daemon take the inbox in between, they find
+  their lease taken and stop ingesting).
 
 A daemon that finds its lease taken over (it was suspended or cut off for longer than
 ``STALE_SECONDS``) stops ingesting and raises an alarm; the one that took over ingests. A lease
@@ -143,12 +145,13 @@ class InboxLease:
         log.error("ALARM: %s", self.lost)
 
     def release(self) -> None:
-        """Stop refreshing; remove the lease where this daemon held it alone."""
+        """Stop refreshing; remove the lease where this daemon made it. (PostgreSQL daemons that
+        joined it make it again at their next refresh.)"""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
-        if self.shared or self.lost is not None:
+        if self.lost is not None:
             return
         try:
             current = self._read()

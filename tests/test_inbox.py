@@ -104,10 +104,11 @@ def test_postgresql_daemons_share_the_inbox_lease_and_an_sqlite_daemon_shares_it
     second.acquire()  # PostgreSQL daemons share one queue: they may share the inbox
     with pytest.raises(AlreadyRunning, match="postgresql database"):
         InboxLease(tmp_path, tmp_path / "work-3", shared=False).acquire()
-    for lease in (first, second):
-        lease.release()
-    alone = InboxLease(tmp_path, tmp_path / "work-4", shared=False, stale_seconds=-1.0)
-    alone.acquire()  # the PostgreSQL daemons' lease was left to expire (here at once)
+    second.release()  # a daemon that joined leaves the lease to the others
+    assert (tmp_path / ".qie-hotfolder.lease").exists()
+    first.release()  # the one that made it removes it
+    alone = InboxLease(tmp_path, tmp_path / "work-4", shared=False)
+    alone.acquire()
     with pytest.raises(AlreadyRunning, match="sqlite database"):
         InboxLease(tmp_path, tmp_path / "work-5", shared=True).acquire()
     alone.release()
