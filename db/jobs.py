@@ -89,6 +89,12 @@ def find_uncleared_ingest(session: Session, ingest_key: str) -> Optional[Job]:
     return session.scalars(stmt).first()
 
 
+def ingest_work_dirs(session: Session, ingest_key: str) -> set[str]:
+    """The names of the work folders of the jobs made from drops with this ingest key."""
+    rows = session.scalars(select(Job.work_dir).where(Job.ingest_key == ingest_key).distinct())
+    return {work_dir.rstrip("/").rsplit("/", 1)[-1] for work_dir in rows}
+
+
 def mark_inbox_cleared(session: Session, ingest_key: str) -> None:
     """Every job made from this drop: its files are out of the inbox."""
     session.execute(update(Job).where(Job.ingest_key == ingest_key).values(inbox_cleared=True))

@@ -107,7 +107,7 @@ def _run_daemon(daemon) -> int:
     from db import DatabaseError
     from processor.daemon import AlreadyRunning
     try:
-        return EXIT_RESTART if daemon.serve() == "restart" else 0
+        return {"restart": EXIT_RESTART, "incomplete": EXIT_USER}.get(daemon.serve(), 0)
     except DatabaseError as exc:
         log.error("%s", exc)
         return EXIT_DATABASE  # restarting will not help: the unit's RestartPreventExitStatus

@@ -46,6 +46,7 @@ from db import Database, jobs, utcnow
 from processor import files, retention
 from processor.estimate import queue_estimates
 from processor.faults import fault_point
+from processor.inbox_lease import AlreadyRunning, InboxLease
 from processor.ingest import Ingestor
 from processor.ingest_loop import IngestLoop
 from processor.lease import Heartbeat, is_dead
@@ -61,10 +62,6 @@ from stages import Engine, ModelCache, create_engine
 from stages.model_cache import memory_budget
 
 log = logging.getLogger(__name__)
-
-
-class AlreadyRunning(RuntimeError):
-    """Another daemon holds this work folder."""
 
 
 class FolderLock:
@@ -160,6 +157,9 @@ class Daemon:
         self.stop = threading.Event()
         self.work_arrived = threading.Event()
         self.lock = FolderLock(settings.work)
+        # The inbox too: another daemon with its own work folder must not ingest the same drops.
+        self.inbox_lease = InboxLease(settings.inbox, settings.work, shared=not settings.url.startswith("sqlite")) \
+            if ingest else None
         self.db: Optional[Database] = None
         self.notifier = Notifier.from_environment()
         self.cache = ModelCache(settings.model_memory_budget, load_delay=settings.model_load_delay,
@@ -189,6 +189,8 @@ class Daemon:
             folder.mkdir(parents=True, exist_ok=True)
         files.make_private_dir(self.settings.work)  # checkpoints and copies of every input
         self.lock.acquire(shared=not self.settings.url.startswith("sqlite"))
+        if self.inbox_lease is not None:
+            self.inbox_lease.acquire()
         database_files = []
         if self.settings.database_url is None:  # SQLite: the queue and every prompt, owner only
             files.create_private_file(self.settings.state)
@@ -223,7 +225,8 @@ class Daemon:
         self._next_recovery = time.monotonic() + self.recovery_interval
         if self.ingest:
             self.intake = IngestLoop(self.settings, self.db, Ingestor(self.settings, self.db),
-                                     on_ingested=self._ingested, watch=not self.once)
+                                     on_ingested=self._ingested, watch=not self.once,
+                                     inbox_lease=self.inbox_lease)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="qie-housekeeper", daemon=True)
         self._housekeeper.start()
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
@@ -277,7 +280,8 @@ class Daemon:
     def serve(self) -> str:
         """Run until stopped (``--once``: until nothing is left). Returns ``"restart"`` after a
         SIGHUP (the caller exits so that the service manager starts it again, with the
-        configuration as it now is), else ``"stopped"``."""
+        configuration as it now is), ``"incomplete"`` when ``--once`` left drops in the inbox because
+        the database refused writes, else ``"stopped"``."""
         self._install_signal_handlers()
         self.start()
         self.notifier.ready(f"ready: watching {self.settings.inbox}" if self.ingest else
@@ -305,6 +309,10 @@ class Daemon:
         finally:
             self._announce_stop()
             self.shutdown()
+        if self.once and self.intake is not None and self.intake.database_refused is not None:
+            log.error("serve --once: the database refuses writes (%s); what is left in the inbox was not "
+                      "ingested", self.intake.database_refused)
+            return "incomplete"
         return "restart" if self.restart_requested else "stopped"
 
     def _loop_error(self, exc: Exception) -> None:
@@ -514,6 +522,8 @@ class Daemon:
             steps += [("held job", lambda: self.scheduler.release_held("stopped between stages; will resume")),
                       ("writer", self.writer.stop), ("heartbeat", self.heartbeat.stop),
                       ("status file", self._write_final_status), ("database", self.db.close)]
+        if self.inbox_lease is not None:
+            steps.append(("inbox lease", self.inbox_lease.release))
         steps += [("folder lock", self.lock.release), ("systemd", self.notifier.close)]
         for what, step in steps:
             if step is None:

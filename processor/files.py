@@ -238,8 +238,9 @@ class FileIdentity:
     mtime_ns: int
 
     @classmethod
-    def of(cls, path: Path) -> "FileIdentity":
-        st = os.lstat(path)
+    def of(cls, path: Path, follow: bool = False) -> "FileIdentity":
+        """The name itself (a link as a link), or with ``follow`` the file it leads to."""
+        st = os.stat(path) if follow else os.lstat(path)
         return cls(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     @classmethod

@@ -11,13 +11,22 @@ image directly in it is a job with the preset's values and that image as image1,
 ``job.json`` is a folder job whose values go over the preset's. ``preset.json`` and the images
 it names (image2, image3: references shared by all its jobs) stay in the folder. Other files
 there are left alone.
+
+Nothing is read through a link or from anything but a regular file: a job file, ``job.json`` or
+``preset.json`` that is a symbolic link, a named pipe, a folder or a device is refused (a job
+file goes to ``failed/`` naming what it is). A path a job names is looked up as the file system
+holds it: ``café.png`` in a job file finds ``café.png`` written in decomposed form (NFD, as
+macOS and many SMB clients write names), as long as only one name matches.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
+import stat
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Optional
@@ -76,7 +85,7 @@ class Candidate:
             return [self.image]
         if self.is_folder:
             return sorted(p for p in self.folder.rglob("*")
-                          if (p.is_symlink() and links or p.is_file() and not p.is_symlink())
+                          if ((not p.is_dir() or p.is_symlink()) if links else (p.is_file() and not p.is_symlink()))
                           and not _hidden_below(p, self.folder))
         return [self.job_file, *images]
 
@@ -90,18 +99,28 @@ def _hidden_below(path: Path, top: Path) -> bool:
     return any(is_ignored(part) for part in path.relative_to(top).parts)
 
 
+def present(path: Path) -> bool:
+    """Whether a name is there as anything but a folder (a file, a link, a pipe...): a
+    ``job.json`` that is not a file is a job to refuse, not something to overlook."""
+    try:
+        return not stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 def find_candidates(inbox: Path) -> list[Candidate]:
-    """Job files in the inbox, oldest first by name order within a scan."""
+    """Job files in the inbox, oldest first by name order within a scan. A ``*.json`` name that
+    is not a regular file (a link, a pipe) is a candidate too, which ingest refuses."""
     found = []
     for entry in sorted(os.scandir(inbox), key=lambda e: e.name):
         if is_ignored(entry.name):
             continue
         path = Path(entry.path)
-        if entry.is_file(follow_symlinks=False) and entry.name.lower().endswith(".json"):
+        if not entry.is_dir(follow_symlinks=False) and entry.name.lower().endswith(".json"):
             found.append(Candidate(readable(path.stem), path, inbox, readable(entry.name), False))
-        elif entry.is_dir(follow_symlinks=False) and (path / PRESET_FILE).is_file():
+        elif entry.is_dir(follow_symlinks=False) and present(path / PRESET_FILE):
             found += preset_candidates(path)
-        elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
+        elif entry.is_dir(follow_symlinks=False) and present(path / FOLDER_JOB_FILE):
             found.append(Candidate(readable(entry.name), path / FOLDER_JOB_FILE, path,
                                    f"{readable(entry.name)}/{FOLDER_JOB_FILE}", True))
     return found
@@ -118,13 +137,13 @@ def preset_candidates(folder: Path) -> list[Candidate]:
     shared = preset_references(folder / PRESET_FILE)
     found = []
     for entry in sorted(os.scandir(folder), key=lambda e: e.name):
-        if is_ignored(entry.name) or entry.name in shared:
+        if is_ignored(entry.name) or unicodedata.normalize("NFC", entry.name) in shared:
             continue
         path = Path(entry.path)
         if entry.is_file(follow_symlinks=False) and is_image_name(entry.name):
             found.append(Candidate(f"{preset}/{readable(path.stem)}", folder / PRESET_FILE, folder,
                                    f"{preset}/{readable(entry.name)}", False, preset=preset, image=path))
-        elif entry.is_dir(follow_symlinks=False) and (path / FOLDER_JOB_FILE).is_file():
+        elif entry.is_dir(follow_symlinks=False) and present(path / FOLDER_JOB_FILE):
             found.append(Candidate(f"{preset}/{readable(entry.name)}", path / FOLDER_JOB_FILE, path,
                                    f"{preset}/{readable(entry.name)}/{FOLDER_JOB_FILE}", True, preset=preset))
     return found
@@ -134,16 +153,97 @@ def preset_references(preset_file: Path) -> set[str]:
     """The file names a preset gives as image2/image3 (read leniently: a broken preset holds
     every job of its folder anyway)."""
     try:
-        data = json.loads(preset_file.read_bytes())
-    except (OSError, ValueError):
+        data = json.loads(read_regular(preset_file, 1 << 20, preset_file.name))
+    except (OSError, ValueError):  # JobFileError is a ValueError
         return set()
     if not isinstance(data, dict):
         return set()
-    return {os.path.normpath(value) for key in ("image2", "image3") if isinstance(value := data.get(key), str)}
+    return {unicodedata.normalize("NFC", os.path.normpath(value))
+            for key in ("image2", "image3") if isinstance(value := data.get(key), str)}
+
+
+def not_a_file(path: Path, follow: bool = False) -> Optional[str]:
+    """None for a regular file; else what is there instead, in words ("missing", "a named pipe
+    (FIFO)"...). ``follow``: a link counts as what it leads to."""
+    try:
+        mode = (os.stat(path) if follow else os.lstat(path)).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a folder"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe (FIFO)"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def read_regular(path: Path, limit: int, source: str) -> bytes:
+    """The bytes of a regular file of the inbox, never through a symbolic link, never blocking on
+    a pipe; a JobFileError (for ``source``) says what the name is instead, or that the file is
+    larger than ``limit`` bytes."""
+    what = not_a_file(path)
+    if what is None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            what = "a symbolic link"
+        else:
+            with os.fdopen(fd, "rb") as handle:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    what = "not a regular file"
+                elif st.st_size > limit:
+                    raise JobFileError(source, f"{st.st_size} bytes is more than max_job_file_bytes={limit}")
+                else:
+                    return handle.read(limit + 1)
+    if what == "missing":
+        raise FileNotFoundError(errno.ENOENT, "no such file", str(path))
+    raise refusal(path, what, source)
+
+
+def refusal(path: Path, what: str, source: str) -> JobFileError:
+    """The error for a job file (or preset file) that is ``what`` instead of a regular file."""
+    return JobFileError(source, f"{path.name} is {what}, not a file; the daemon reads only regular files that "
+                        "are in the inbox itself (links are never followed)")
+
+
+def _as_stored(folder: Path, relative: str, source: str, field_name: str) -> Path:
+    """``folder/relative`` with each name as the file system holds it: a name that is not there
+    as written is looked up by its Unicode normal form (NFC), so a job file's composed "é"
+    finds a file written with a decomposed one and the other way round."""
+    current = folder
+    parts = Path(relative).parts
+    for index, part in enumerate(parts):
+        following = current / part
+        if os.path.lexists(following) or part.isascii():
+            current = following
+            continue
+        wanted = unicodedata.normalize("NFC", part)
+        try:
+            names = os.listdir(current)
+        except OSError:
+            return current.joinpath(*parts[index:])
+        matches = sorted(name for name in names if unicodedata.normalize("NFC", name) == wanted)
+        if len(matches) > 1:
+            raise JobFileError(source, f"{relative!r} matches {len(matches)} files whose names differ only in "
+                               f"their Unicode form ({', '.join(map(ascii, matches))}); rename one of them",
+                               field_name)
+        current = current / matches[0] if matches else following
+    return current
 
 
 def resolve_inside(folder: Path, relative: str, source: str, field_name: str) -> Path:
-    """The path a job file names, refusing anything that leads out of the job's folder."""
+    """The path a job file names, as the file system holds it, refusing anything that leads out
+    of the job's folder."""
     if "\x00" in relative:
         raise JobFileError(source, "contains a NUL character", field_name)
     candidate = Path(relative)
@@ -153,7 +253,7 @@ def resolve_inside(folder: Path, relative: str, source: str, field_name: str) ->
         raise JobFileError(source, f"'..' is not allowed in paths ({relative!r})", field_name)
     if any(is_ignored(part) for part in candidate.parts):
         raise JobFileError(source, f"{relative!r} is a hidden or temporary name, which the inbox ignores", field_name)
-    path = folder / candidate
+    path = _as_stored(folder, relative, source, field_name)
     real_folder = folder.resolve()
     if path.is_symlink() or path.exists():
         real = path.resolve()

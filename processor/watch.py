@@ -3,6 +3,13 @@
 The native observer (inotify on Linux) reacts at once but hears nothing on NFS or SMB mounts,
 so ``auto`` picks watchdog's PollingObserver when the inbox lives on a network or FUSE file
 system. Whatever the observer, the daemon also scans at start-up and every rescan interval.
+
+The observer watches the folder the inbox path leads to (an inbox that is a symbolic link is
+watched through its target; events are reported under the inbox path). ``InboxWatcher.moved``
+tells when that is no longer the folder the path leads to (the inbox moved away and made again,
+the link pointed elsewhere) or the observer stopped, so that the caller raises an alarm and
+watches again; a native observer that cannot start (the inotify watch limit) falls back to
+polling.
 """
 
 from __future__ import annotations
@@ -68,16 +75,34 @@ def _completes(event: FileSystemEvent) -> bool:
 
 
 class _Wake(FileSystemEventHandler):
-    def __init__(self, wake: threading.Event, on_complete: Optional[Callable[[Path, float], None]]):
+    def __init__(self, wake: threading.Event, on_complete: Optional[Callable[[Path, float], None]],
+                 on_change: Optional[Callable[[Path], None]] = None, watched: Optional[Path] = None,
+                 inbox: Optional[Path] = None):
         self.wake = wake
         self.on_complete = on_complete
+        self.on_change = on_change  # told of every path that changed (under the inbox path)
+        self.watched = watched  # the folder the observer watches, when it is not ``inbox`` itself
+        self.inbox = inbox
+
+    def _path(self, raw: bytes | str) -> Path:
+        """An event's path under the inbox path (the observer reports the link's target)."""
+        path = Path(os.fsdecode(raw))
+        if self.watched is not None and self.inbox is not None and self.watched != self.inbox:
+            try:
+                return self.inbox / path.relative_to(self.watched)
+            except ValueError:
+                pass
+        return path
 
     def on_any_event(self, event: FileSystemEvent) -> None:
         name = os.path.basename(os.fsdecode(event.dest_path or event.src_path))
         if event.event_type in ("opened", "closed_no_write") or (is_ignored(name) and not event.dest_path):
             return
+        if self.on_change is not None:
+            for raw in filter(None, (event.src_path, event.dest_path)):
+                self.on_change(self._path(raw))
         if self.on_complete is not None and _completes(event):
-            self._complete(Path(os.fsdecode(event.dest_path or event.src_path)), event.is_directory)
+            self._complete(self._path(event.dest_path or event.src_path), event.is_directory)
         self.wake.set()
 
     def _complete(self, path: Path, is_directory: bool) -> None:
@@ -93,37 +118,84 @@ class InboxWatcher:
     """Sets ``wake`` whenever something changes in the inbox."""
 
     def __init__(self, inbox: Path, mode: str, poll_interval: float, wake: threading.Event,
-                 on_complete: Optional[Callable[[Path, float], None]] = None):
+                 on_complete: Optional[Callable[[Path, float], None]] = None,
+                 on_change: Optional[Callable[[Path], None]] = None):
         self.inbox = inbox
         self.mode = mode
         self.poll_interval = poll_interval
         self.wake = wake
         self.on_complete = on_complete  # told of files a writer closed (native events only)
+        self.on_change = on_change
         self._observer: Optional[BaseObserver] = None
+        self._watched: Optional[tuple[str, int, int]] = None  # real path, device, inode
 
     @property
     def running(self) -> bool:
-        return self._observer is not None and self._observer.is_alive()
+        return (self._observer is not None and self._observer.is_alive()
+                and all(emitter.is_alive() for emitter in self._observer.emitters))
 
     def start(self) -> None:
-        observer = PollingObserver(timeout=self.poll_interval) if self.mode == "polling" else Observer()
-        observer.schedule(_Wake(self.wake, self.on_complete if self.mode != "polling" else None),
-                          str(self.inbox), recursive=True)
+        watched = Path(os.path.realpath(self.inbox))
+        st = os.stat(watched)
+        self._watched = (str(watched), st.st_dev, st.st_ino)
+        try:
+            self._observer = self._start(watched, self.mode)
+        except OSError as exc:
+            if self.mode == "polling":
+                raise
+            log.error("ALARM: cannot watch %s with native events (%s; the inotify watch limit?): polling it instead",
+                      self.inbox, exc)
+            self.mode = "polling"
+            self._observer = self._start(watched, self.mode)
+        through = f" through the link to {watched}" if str(watched) != os.path.abspath(self.inbox) else ""
+        log.info("watching %s%s (%s)", self.inbox, through, "polling" if self.mode == "polling" else "native events")
+
+    def _start(self, watched: Path, mode: str) -> BaseObserver:
+        observer = PollingObserver(timeout=self.poll_interval) if mode == "polling" else Observer()
+        handler = _Wake(self.wake, self.on_complete if mode != "polling" else None, self.on_change,
+                        watched=watched, inbox=Path(os.path.abspath(self.inbox)))
+        observer.schedule(handler, str(watched), recursive=True)
         observer.daemon = True
-        observer.start()
-        self._observer = observer
-        log.info("watching %s (%s)", self.inbox, "polling" if self.mode == "polling" else "native events")
+        try:
+            observer.start()
+        except BaseException:
+            _stop(observer)
+            raise
+        return observer
+
+    def moved(self) -> Optional[str]:
+        """Why the watch no longer hears the inbox, None while it does (or while the inbox is
+        missing, which the scan reports)."""
+        if self._watched is None:
+            return None
+        try:
+            real = os.path.realpath(self.inbox)
+            st = os.stat(real)
+        except OSError:
+            return None
+        if real != self._watched[0]:
+            return f"the inbox {self.inbox} now leads to {real} (the watched folder was {self._watched[0]})"
+        if (st.st_dev, st.st_ino) != self._watched[1:]:
+            return (f"the inbox {self.inbox} is no longer the folder that was watched (moved away and made "
+                    "again?); drops left in the old folder are not looked at")
+        if not self.running:
+            return f"the watcher of the inbox {self.inbox} stopped"
+        return None
 
     def stop(self) -> None:
-        if self._observer is None:
-            return
-        try:
-            self._observer.stop()
-            self._observer.join(timeout=5)
-        except Exception:  # noqa: BLE001 - an observer on a vanished folder may fail to stop cleanly
-            log.debug("observer did not stop cleanly", exc_info=True)
+        if self._observer is not None:
+            _stop(self._observer)
         self._observer = None
 
     def restart(self) -> None:
         self.stop()
         self.start()
+
+
+def _stop(observer: BaseObserver) -> None:
+    try:
+        observer.stop()
+        if observer.is_alive():
+            observer.join(timeout=5)
+    except Exception:  # noqa: BLE001 - an observer on a vanished folder may fail to stop cleanly
+        log.debug("observer did not stop cleanly", exc_info=True)

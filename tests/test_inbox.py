@@ -95,3 +95,35 @@ def test_the_files_of_a_job_folder_settle_together_not_one_after_another(tmp_pat
     assert ingestor.scan(now=100.0).ingested == []  # first sight of every file
     assert ingestor.scan(now=101.0).ingested == []
     assert len(ingestor.scan(now=102.0).ingested) == 1  # one settle time, not two
+
+
+def test_postgresql_daemons_share_the_inbox_lease_and_an_sqlite_daemon_shares_it_with_none(tmp_path):
+    from processor.inbox_lease import AlreadyRunning, InboxLease
+    first, second = (InboxLease(tmp_path, tmp_path / f"work-{n}", shared=True) for n in (1, 2))
+    first.acquire()
+    second.acquire()  # PostgreSQL daemons share one queue: they may share the inbox
+    with pytest.raises(AlreadyRunning, match="postgresql database"):
+        InboxLease(tmp_path, tmp_path / "work-3", shared=False).acquire()
+    second.release()  # a daemon that joined leaves the lease to the others
+    assert (tmp_path / ".qie-hotfolder.lease").exists()
+    first.release()  # the one that made it removes it
+    alone = InboxLease(tmp_path, tmp_path / "work-4", shared=False)
+    alone.acquire()
+    with pytest.raises(AlreadyRunning, match="sqlite database"):
+        InboxLease(tmp_path, tmp_path / "work-5", shared=True).acquire()
+    alone.release()
+    assert not (tmp_path / ".qie-hotfolder.lease").exists()
+
+
+def test_a_daemon_whose_inbox_lease_was_taken_over_knows_it(tmp_path):
+    from processor.inbox_lease import InboxLease
+    stalled = InboxLease(tmp_path, tmp_path / "work-1", shared=False, stale_seconds=-1.0)
+    stalled.acquire()
+    newcomer = InboxLease(tmp_path, tmp_path / "work-2", shared=False, stale_seconds=-1.0)
+    newcomer.acquire()  # the first one's lease looked abandoned
+    stalled.refresh()
+    newcomer.refresh()
+    assert stalled.lost is not None and "took over the inbox" in stalled.lost
+    assert newcomer.lost is None
+    for lease in (stalled, newcomer):
+        lease.release()
