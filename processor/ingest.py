@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from config import (IMAGE_KEYS, InputFile, JobFile, JobFileError, JobSpec, Settings, StageParameters, job_over_preset,
-                    parse_job_file, parse_preset)
+from config import (IMAGE_KEYS, InputFile, JobFile, JobFileError, JobSpec, Settings, StageParameters, check_output_name,
+                    job_over_preset, parse_job_file, parse_preset)
 from db import Database, jobs
 from processor import publish
 from processor.files import copy_durably, digest_file, fsync_dir
@@ -36,7 +36,8 @@ from processor.faults import fault_point
 from processor.inbox import (PRESET_FILE, Candidate, SettleTracker, find_candidates, remove_empty_dirs,
                              resolve_inside)
 from processor.logs import job_context
-from stages.prepare import ImageError, load_image
+from stages.engine import engine_class
+from stages.prepare import ImageError, check_proportions, load_image
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,7 @@ class Ingestor:
         self.waiting: dict[str, Waiting] = {}
         self._preset_errors: dict[str, str] = {}  # preset name -> the error last reported
         self._presets_usable: set[str] = set()  # presets found usable since their last error
+        self._engine_ratio: Optional[tuple[float, str]] = None  # the engine's max_aspect_ratio
 
     def scan(self, now: float) -> ScanResult:
         """Look at everything in the inbox once; ingest what is ready."""
@@ -133,7 +135,7 @@ class Ingestor:
                                       rel, candidate.source, key)
                   for key, rel in job.images().items()}
         for key, path in images.items():
-            reason = self._image_not_ready(candidate, key, path, waiting, now)
+            reason = self._image_not_ready(candidate, key, path, waiting, now, params)
             if reason:
                 waiting.reason = reason
                 return None
@@ -196,7 +198,7 @@ class Ingestor:
             jobs.add_event(session, None, "alarm", text, level="error")
 
     def _image_not_ready(self, candidate: Candidate, key: str, path: Path, waiting: Waiting,
-                         now: float) -> Optional[str]:
+                         now: float, params: StageParameters) -> Optional[str]:
         rel = relative_name(path, candidate.folder)
         if not path.is_file():
             waiting.missing = True
@@ -207,12 +209,19 @@ class Ingestor:
         if not self.tracker.settled(path, now):
             return f"{key} ({rel}) still being written"
         try:
-            load_image(path, key, self.settings.max_image_pixels)
+            image = load_image(path, key, self.settings.max_image_pixels)
         except ImageError as exc:
             # A writer that paused longer than the settle time leaves a truncated image: give it
             # a while before calling the file broken.
             if self.tracker.stable_for(path, now) < self.settings.corrupt_grace_seconds:
                 return f"{key} ({rel}) is not a complete image yet"
+            raise JobFileError(candidate.source, str(exc), key) from exc
+        if self._engine_ratio is None:
+            self._engine_ratio = engine_class(self.settings.engine).max_aspect_ratio(self.settings)
+        try:
+            check_proportions(image.size, key, path.name, self.settings.max_aspect_ratio, *self._engine_ratio,
+                              megapixels=params.megapixels if key == "image1" else None)
+        except ImageError as exc:
             raise JobFileError(candidate.source, str(exc), key) from exc
         return None
 
@@ -232,6 +241,19 @@ class Ingestor:
             self._clear_inbox(candidate, files, key)
             return existing_id
 
+        seeds, seed_source = job_seeds(job)
+        base_name = job.output_name or candidate.output_stem
+        output = job.output_options(self.settings.output)
+        # Several seeds are told apart by "-<seed>" unless the template names the seed.
+        seed_suffix = len(seeds) > 1 and "{seed}" not in output.name_template
+        for seed in seeds:
+            try:
+                check_output_name(output.name_template, base_name + (f"-{seed}" if seed_suffix else ""),
+                                  candidate.preset, seed)
+            except ValueError as exc:
+                raise JobFileError(candidate.source, str(exc),
+                                   "output_name" if job.output_name else "name_template") from exc
+
         work_dir = self.settings.work / "jobs" / f"{key[:16]}-{uuid.uuid4().hex[:8]}"
         originals = work_dir / "originals"
         inputs = []
@@ -243,14 +265,12 @@ class Ingestor:
         fsync_dir(originals)
         fault_point("ingest.copied")
 
-        seeds, seed_source = job_seeds(job)
-        base_name = job.output_name or candidate.output_stem
         spec = dict(job_file=job.model_dump(exclude_none=True, mode="json"),
                     job_file_name=candidate.job_file.relative_to(candidate.folder).as_posix(),
                     prompt=job.prompt, negative_prompt=job.negative_prompt,
                     images={k: stored_name(candidate, p) for k, p in images.items()}, seed_source=seed_source,
                     parameters=params, is_folder=candidate.is_folder, preset=candidate.preset,
-                    outbox_subfolder=candidate.preset)
+                    outbox_subfolder=candidate.preset, output=output)
         # One job per seed: a seed sweep shares the originals and, through the fingerprints,
         # every checkpoint before ``sample``.
         with self.db.begin() as session:
@@ -259,7 +279,8 @@ class Ingestor:
                 suffix = f"-{seed}" if len(seeds) > 1 else ""
                 row = jobs.create_job(session, name=candidate.name + suffix, source=candidate.source,
                                       ingest_key=key,
-                                      spec=JobSpec(**spec, seed=seed, output_name=base_name + suffix),
+                                      spec=JobSpec(**spec, seed=seed,
+                                                   output_name=base_name + (suffix if seed_suffix else "")),
                                       inputs=inputs, work_dir=str(work_dir), priority=job.priority,
                                       preset=candidate.preset)
                 job_ids.append(row.id)
