@@ -118,17 +118,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from processor.report import daemon_status, status_rows, status_table
+    from processor.report import daemon_status, inbox_ignored, status_rows, status_table
     settings = settings_from(args)
     db = open_db(settings)
     if args.watch:
         return _watch_status(db, args, settings)
     rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
     daemon = daemon_status(settings.work)
+    ignored = inbox_ignored(settings)
     if args.json:
-        print(json.dumps({"jobs": rows, "alarms": alarms, "daemons": daemon}, indent=2))
+        print(json.dumps({"jobs": rows, "alarms": alarms, "daemons": daemon, "ignored": ignored}, indent=2))
     else:
-        print(status_table(rows, alarms, daemon))
+        print(status_table(rows, alarms, daemon, ignored))
     return 0
 
 
