@@ -250,6 +250,8 @@ def test_heic_photos_in_a_preset_folder_are_edited_with_pillow_heif(folders: Fol
     winter = make_preset(folders, "winter", {"prompt": "snow", "seed": 1, "megapixels": 0.004})
 
     def heic(path: Path) -> Path:
+        import pillow_heif
+        pillow_heif.register_heif_opener()
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.new("RGB", (64, 48), (200, 30, 40)).save(path, "HEIF")
         return path
