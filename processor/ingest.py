@@ -223,6 +223,12 @@ class Ingestor:
                               megapixels=params.megapixels if key == "image1" else None)
         except ImageError as exc:
             raise JobFileError(candidate.source, str(exc), key) from exc
+        if key == "image1" and params.width is not None and params.height is not None:
+            try:  # a custom output size meets the same limits
+                check_proportions((params.width, params.height), "width x height", "the output size",
+                                  self.settings.max_aspect_ratio, *self._engine_ratio)
+            except ImageError as exc:
+                raise JobFileError(candidate.source, str(exc), "width") from exc
         return None
 
     # 2-4. Ingest ----------------------------------------------------------------------------

@@ -334,6 +334,8 @@ def test_unclear_inputs_are_refused_at_ingest_naming_the_limit_or_accepted(folde
     drop(folders, "bigicc", tiny_job(), big_icc)
     # A 30:1 strip: more than max_aspect_ratio (20).
     drop(folders, "strip", tiny_job(), lambda f: make_image(f / "photo.png", (960, 32)))
+    # A custom output size meets the same limit.
+    drop(folders, "banner", tiny_job(width=16, height=4096), lambda f: make_image(f / "photo.png"))
     # Files in a preset folder that no job takes are named in status.
     winter = make_preset(folders, "winter", {"prompt": "snow", "megapixels": 0.004})
     (winter / "notes.xyz").write_text("not a picture")
@@ -344,6 +346,8 @@ def test_unclear_inputs_are_refused_at_ingest_naming_the_limit_or_accepted(folde
     report = json.loads((folders.failed / "strip.error.json").read_text())
     assert report["field"] == "image1" and report["stage"] == "ingest"
     assert "960x32 is 30:1, more than max_aspect_ratio=20" in report["error"]
+    report = json.loads((folders.failed / "banner.error.json").read_text())
+    assert report["field"] == "width" and "16x4096 is 256:1, more than max_aspect_ratio=20" in report["error"]
     status = folders.run("status")
     assert "IGNORED inbox/winter/notes.xyz: not a picture format this daemon reads" in status.stdout
     assert json.loads(folders.run("status", "--json").stdout)["ignored"] == [
