@@ -203,17 +203,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if path.name == PRESET_FILE:
         try:
             preset = parse_preset(path.read_bytes(), str(path), settings.defaults)
-            _, params = job_over_preset(preset, None, "image.png", str(path), settings.defaults)
+            job, params = job_over_preset(preset, None, "image.png", str(path), settings.defaults)
         except JobFileError as exc:
             raise UserError(str(exc)) from exc
-        print(json.dumps({"preset": preset, "effective_parameters": params.model_dump(mode="json")}, indent=2))
+        print(json.dumps({"preset": preset, "effective_parameters": params.model_dump(mode="json"),
+                          "effective_output": job.output_options(settings.output).model_dump(mode="json")}, indent=2))
         return 0
     try:
         job, params = parse_job_file(path.read_bytes(), str(path), settings.defaults)
     except JobFileError as exc:
         raise UserError(str(exc)) from exc
     print(json.dumps({"job_file": job.model_dump(exclude_none=True, mode="json"),
-                      "effective_parameters": params.model_dump(mode="json")}, indent=2))
+                      "effective_parameters": params.model_dump(mode="json"),
+                      "effective_output": job.output_options(settings.output).model_dump(mode="json")}, indent=2))
     return 0
 
 

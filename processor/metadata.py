@@ -34,6 +34,12 @@ SOFTWARE = ExifTags.Base.Software
 EXIF_WIDTH = ExifTags.Base.ExifImageWidth
 EXIF_HEIGHT = ExifTags.Base.ExifImageHeight
 ROTATED = (5, 6, 7, 8)  # orientations that swap width and height
+# A TIFF's first IFD is its EXIF IFD0 too: its picture-structure tags (sizes, strips, tiles,
+# compression, samples), its embedded ICC/XMP/IPTC/Photoshop blocks and the thumbnail pointers
+# describe the source file, not the output.
+NOT_CARRIED = {256, 257, 258, 259, 262, 263, 266, 269, 273, 277, 278, 279, 280, 281, 284, 292, 293, 317, 320,
+               322, 323, 324, 325, 330, 338, 339, 340, 341, 347, 513, 514, 530, 700, 33723, 34377, 34675, 37724,
+               50740}
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,7 @@ def output_exif(source: Optional[Image.Exif], size: tuple[int, int], software: s
     exif = Image.Exif()
     if source is not None:
         for tag, value in source.items():
-            if tag in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, ExifTags.IFD.Interop):
+            if tag in (ExifTags.IFD.Exif, ExifTags.IFD.GPSInfo, ExifTags.IFD.Interop) or tag in NOT_CARRIED:
                 continue
             exif[tag] = value
         details = dict(source.get_ifd(ExifTags.IFD.Exif))

@@ -80,7 +80,9 @@ def make_output(spec: JobSpec, params: StageParameters, final: dict[str, Any], s
     info = {"width": size[0], "height": size[1], "format": params.output_format,
             "size": params.output_size, "model_size": list(model_size),
             "bit_depth": 16 if pixels.dtype == np.uint16 else 8, "colour_profile": colour,
-            "metadata": {"from_image1": "none" if options.strip_metadata else "exif, xmp",
+            "metadata": {"from_image1": ", ".join(kind for kind, found in (("exif", source and source.exif),
+                                                                           ("xmp", source and source.xmp))
+                                                  if found and not options.strip_metadata) or "none",
                          "location": ("stripped" if (options.strip_location or options.strip_metadata) and has_gps
                                       else "kept" if has_gps else "none")}}
     return Output(data, info)

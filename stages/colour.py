@@ -21,6 +21,7 @@ white or a float one to black.
 from __future__ import annotations
 
 import io
+import struct
 from dataclasses import dataclass
 from typing import Optional
 
@@ -124,7 +125,9 @@ def is_srgb(profile: ImageCms.ImageCmsProfile) -> bool:
 
 
 SRGB = ImageCms.createProfile("sRGB")
-SRGB_BYTES = ImageCms.ImageCmsProfile(SRGB).tobytes()
+# LittleCMS stamps a profile it makes with the time; a fixed date keeps outputs byte-identical.
+_made = ImageCms.ImageCmsProfile(SRGB).tobytes()
+SRGB_BYTES = _made[:24] + struct.pack(">6H", 2024, 1, 1, 0, 0, 0) + _made[36:]
 
 
 def to_srgb(image: Image.Image, bits: Optional[int] = None) -> tuple[Image.Image, Colour]:

@@ -42,7 +42,7 @@ def unreadable_reason(name: str) -> str:
     if lowered.endswith(HEIF_SUFFIXES) and HEIF_PLUGIN is None:
         return ("HEIC/HEIF pictures need the optional pillow-heif plugin, which is not installed "
                 "(pip install 'qie-hotfolder[heif]')")
-    return "not a picture format this daemon reads"
+    return "not an image this daemon can read"
 
 
 def heif_status() -> tuple[bool, str]:

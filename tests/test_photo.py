@@ -323,6 +323,8 @@ def test_every_mode_pillow_opens_becomes_the_right_8_bit_picture(folders: Folder
         left, right = patch_mean(out, (0.1, 0.2, 0.4, 0.8)).mean(), patch_mean(out, (0.6, 0.2, 0.9, 0.8)).mean()
         expected = (0, 255) if mode == "1" else (64, 191)
         assert abs(left - expected[0]) <= 4 and abs(right - expected[1]) <= 4, (mode, ext, left, right)
+        # A TIFF's picture-structure tags (its first IFD) are not carried over as EXIF.
+        assert not {256, 257, 258, 273, 279} & set(exif_of(out)), (mode, ext)
 
 
 def test_unclear_inputs_are_refused_at_ingest_naming_the_limit_or_accepted(folders: Folders):
@@ -349,9 +351,9 @@ def test_unclear_inputs_are_refused_at_ingest_naming_the_limit_or_accepted(folde
     report = json.loads((folders.failed / "banner.error.json").read_text())
     assert report["field"] == "width" and "16x4096 is 256:1, more than max_aspect_ratio=20" in report["error"]
     status = folders.run("status")
-    assert "IGNORED inbox/winter/notes.xyz: not a picture format this daemon reads" in status.stdout
+    assert "IGNORED inbox/winter/notes.xyz: not an image this daemon can read" in status.stdout
     assert json.loads(folders.run("status", "--json").stdout)["ignored"] == [
-        {"file": "winter/notes.xyz", "reason": "not a picture format this daemon reads"}]
+        {"file": "winter/notes.xyz", "reason": "not an image this daemon can read"}]
 
 
 def test_a_heic_without_the_plugin_is_named_in_status(folders: Folders, monkeypatch):
