@@ -175,7 +175,7 @@ class JobFile(BaseModel):
     seed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Sampler seed; a random one is chosen and recorded when absent.")] = None
     seeds: Annotated[Optional[list[Annotated[int, Field(ge=0, le=MAX_SEED)]]], Field(min_length=1, max_length=64, description="Several seeds: one output each, named `<output_name>-<seed>`; the encodings are computed once.")] = None
     variations: Annotated[Optional[int], Field(ge=1, le=64, description="N outputs with seeds seed, seed+1, ... (random when no seed), named `<output_name>-<seed>`.")] = None
-    output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs (default: the job's name).")] = None
+    output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs, `{name}` in `name_template` (default: the job's name).")] = None
     priority: Annotated[int, Field(ge=-100, le=100, description="Higher runs first.")] = 0
     # Stage parameters, each optional: absent means the configured default.
     megapixels: Optional[float] = None

@@ -8,6 +8,7 @@ headers only) do not count as readable.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 from PIL import Image
@@ -29,6 +30,7 @@ def _register_heif() -> Optional[str]:
 HEIF_PLUGIN = _register_heif()
 
 
+@functools.cache
 def readable_suffixes() -> tuple[str, ...]:
     """File name endings (lower case, with the dot) of the formats the daemon can decode."""
     Image.init()
