@@ -8,6 +8,7 @@ is made 8-bit sRGB first (``stages/colour.py``: bit depths, modes, ICC profiles)
 
 from __future__ import annotations
 
+import logging
 import math
 import warnings
 from pathlib import Path
@@ -34,8 +35,11 @@ class ImageError(PermanentError):
     """An input image that cannot be used; the message names the file."""
 
 
+log = logging.getLogger(__name__)
+
+
 def load_image(path: Path, label: str, max_pixels: int) -> Image.Image:
-    """Open, fully decode and orient an image, refusing bombs and truncated files."""
+    """Open, fully decode and orient an image as 8-bit sRGB, refusing bombs and truncated files."""
     if path.stat().st_size == 0:
         raise ImageError(f"{label} ({path.name}): the file is empty")
     try:
@@ -48,7 +52,7 @@ def load_image(path: Path, label: str, max_pixels: int) -> Image.Image:
                                      f"max_image_pixels={max_pixels}")
                 bits = source_bits(probe)
                 probe.load()
-                image, _ = to_srgb(probe, bits)
+                image, colour = to_srgb(probe, bits)
     except ImageError:
         raise
     except PictureError as exc:
@@ -65,6 +69,8 @@ def load_image(path: Path, label: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{label} ({path.name}): damaged or truncated image ({exc})") from exc
     except (OSError, SyntaxError) as exc:
         raise ImageError(f"{label} ({path.name}): damaged or truncated image ({exc})") from exc
+    if colour.note:
+        log.warning("%s (%s): %s", label, path.name, colour.note)
     if image.width < 8 or image.height < 8:
         raise ImageError(f"{label} ({path.name}): {image.width}x{image.height} is too small (8x8 at least)")
     return image

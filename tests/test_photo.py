@@ -158,6 +158,18 @@ def test_location_or_all_metadata_are_stripped_per_preset_and_names_follow_its_t
     assert delta_e76(lab_of(patch_mean(bare_image, PATCH_BOX)), lab_of(PATCH, "Adobe RGB (1998)")) <= TOLERANCE
 
 
+def test_the_configured_output_defaults_apply_unless_a_job_says_otherwise(folders: Folders):
+    folders.env_extra.update({"QIE_OUTPUT__STRIP_LOCATION": "true", "QIE_OUTPUT__NAME_TEMPLATE": "{name}-edit"})
+    drop(folders, "quiet", tiny_job(image1="a.jpg"), lambda f: camera_jpeg(f / "a.jpg"))
+    drop(folders, "located", tiny_job(image1="b.jpg", strip_location=False, name_template="{name}"),
+         lambda f: camera_jpeg(f / "b.jpg"))
+
+    run_once(folders)
+
+    assert exif_of(folders.outbox / "quiet-edit.png").get_ifd(ExifTags.IFD.GPSInfo) == {}
+    assert exif_of(folders.outbox / "located.png").get_ifd(ExifTags.IFD.GPSInfo) != {}
+
+
 def test_colour_profile_input_gives_the_output_the_photos_own_profile(folders: Folders):
     drop(folders, "p3", tiny_job(image1="p3.jpg", colour_profile="input", output_size="input"),
          lambda folder: camera_jpeg(folder / "p3.jpg", "Display P3"))
