@@ -123,13 +123,21 @@ _ORIENTATION_ATTRIBUTE = re.compile(r"(tiff:Orientation\s*=\s*)(\"[^\"]*\"|'[^']
 _ORIENTATION_ELEMENT = re.compile(r"(<tiff:Orientation>)[^<]*(</tiff:Orientation>)")
 
 
+_NOT_XML = re.compile("[^\t\n\r\x20-\ud7ff\ue000-\ufffd\U00010000-\U0010ffff]")
+
+
+def _xml_text(text: str) -> str:
+    """``text`` without the characters XML 1.0 cannot hold (control characters, lone surrogates)."""
+    return _NOT_XML.sub("", text)
+
+
 def output_xmp(source: Optional[bytes], provenance: Provenance, strip_location: bool) -> bytes:
     """The source's XMP packet (upright, perhaps without GPS) with the provenance added; a new
     packet when the source has none (or one that is not a readable packet)."""
     ours = ('<rdf:Description rdf:about="" xmlns:qie="' + QIE_NS + '"'
-            f' qie:Software={quoteattr(provenance.software)} qie:Seed="{provenance.seed}"'
-            f' qie:Manifest={quoteattr(provenance.manifest)}>'
-            f'<qie:Prompt>{escape(provenance.prompt)}</qie:Prompt></rdf:Description>')
+            f' qie:Software={quoteattr(_xml_text(provenance.software))} qie:Seed="{provenance.seed}"'
+            f' qie:Manifest={quoteattr(_xml_text(provenance.manifest))}>'
+            f'<qie:Prompt>{escape(_xml_text(provenance.prompt))}</qie:Prompt></rdf:Description>')
     text = None
     if source:
         try:

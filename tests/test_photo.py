@@ -396,3 +396,16 @@ def test_extreme_aspect_ratios_are_refused_at_ingest_with_the_engines_limit(diff
     assert report["stage"] == "ingest" and report["field"] == "image1"
     assert "256x64 is 4:1; the engine takes less than 4:1" in report["error"]
     assert "1024 pixels" in report["error"]
+
+
+def test_the_provenance_is_well_formed_xmp_and_an_edit_of_an_edit_keeps_one():
+    from xml.dom import minidom
+
+    from processor.metadata import Provenance, output_xmp
+    from tests.photo_files import XMP
+    first = output_xmp(XMP.encode(), Provenance("qie", 'make <it> & "so"\x01 é', 3, "a.json"), strip_location=True)
+    again = output_xmp(first, Provenance("qie", "second", 4, "b.json"), strip_location=False).decode()
+    for packet in (first.decode(), again):
+        minidom.parseString(packet.split("?>", 1)[1].rsplit("<?xpacket", 1)[0])  # raises when not well-formed
+    assert "<qie:Prompt>make &lt;it&gt; &amp; \"so\" é</qie:Prompt>" in first.decode()
+    assert again.count("xmlns:qie") == 1 and 'qie:Seed="4"' in again and "GPS" not in again
