@@ -3,6 +3,7 @@
 from config.job import (IMAGE_KEYS, MAX_NAME_BYTES, MAX_SEED, check_job_name, REFERENCE_LORA, JobFile, JobFileError, OutputFormat, Preset,
                         ReferenceMode, StageParameters, job_over_preset, job_schema, parse_job_file, parse_preset,
                         preset_schema)
+from config.job import NUMBER_MARKER, OutputOptions, check_output_name, render_output_name
 from config.settings import CLI_FLAGS, DEFAULT_CONFIG_FILE, ConfigurationError, Settings, load_settings
 from config.spec import InputFile, JobSpec, Published, image_inputs
 
@@ -12,4 +13,5 @@ __all__ = [
     "parse_preset", "preset_schema",
     "CLI_FLAGS", "DEFAULT_CONFIG_FILE", "ConfigurationError", "Settings", "load_settings",
     "InputFile", "JobSpec", "Published", "image_inputs",
+    "NUMBER_MARKER", "OutputOptions", "check_output_name", "render_output_name",
 ]

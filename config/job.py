@@ -9,10 +9,13 @@ default (``[defaults]`` in the configuration), which in turn defaults to ComfyUI
 from __future__ import annotations
 
 import json
+import string
+from datetime import datetime
 from enum import Enum
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator,
+                      model_validator)
 
 from config.untrusted import control_characters
 
@@ -43,6 +46,8 @@ class ReferenceMode(str, Enum):
 
 
 UpscaleMethod = Literal["nearest-exact", "bilinear", "area", "bicubic", "lanczos"]
+OutputSize = Literal["model", "input"]
+BitDepth = Literal[8, 16, "input"]
 
 
 class StageParameters(BaseModel):
@@ -66,12 +71,99 @@ class StageParameters(BaseModel):
     lora_strength: Annotated[float, Field(ge=-10, le=10, description="LoRA strength (LoraLoaderModelOnly).")] = 1.0
     output_format: Annotated[OutputFormat, Field(description="Format of the published image.")] = OutputFormat.PNG
     quality: Annotated[int, Field(ge=1, le=100, description="JPEG/WebP quality.")] = 95
+    # Read when publishing, by no stage (so not in any fingerprint, like output_format): the
+    # decoded picture is resized from the checkpoint, which stays the model's own pixels.
+    output_size: Annotated[OutputSize, Field(description="Size of the published image: `model` (the size the model worked at, about `megapixels`) or `input` (image1's own size and aspect, resized with Lanczos).")] = "model"
+    # Read by decode (in its fingerprint): the engine hands over 16-bit pixels as well.
+    bit_depth: Annotated[BitDepth, Field(description="Bits per channel of a PNG output: 8, 16, or `input` (16 when image1 has more than 8 bits per channel). 16-bit pixels come from the VAE's float output; JPEG and WebP are always 8-bit.")] = 8
+
+    @model_validator(mode="after")
+    def _sixteen_bits_are_png(self) -> "StageParameters":
+        if self.bit_depth == 16 and self.output_format != OutputFormat.PNG.value:
+            raise ValueError(f"bit_depth 16 needs output_format png (not {self.output_format})")
+        return self
 
     @field_validator("lora")
     @classmethod
     def _lora_is_a_plain_name(cls, value: Optional[str]) -> Optional[str]:
         if value is not None and ("/" in value or "\\" in value or value.startswith(".")):
             raise ValueError("must be a file name inside the LoRA folder, not a path")
+        return value
+
+
+# Output naming and metadata: read when publishing; they change no pixel ------------------------
+
+NAME_FIELDS = ("name", "preset", "seed", "date", "time", "n")
+FORBIDDEN_IN_NAMES = '/\\<>:"|?*'  # folders, and what SMB/Windows shares refuse
+MAX_OUTPUT_NAME_BYTES = 200  # room for a clash suffix, the extension and a temporary name in 255
+
+
+def _name_fields(template: str) -> list[str]:
+    """The placeholders of a naming template; ValueError naming what is wrong."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as exc:
+        raise ValueError(f"{template!r} is not a valid template ({exc}); write a brace as {{{{ or }}}}") from exc
+    fields = []
+    for literal, name, spec, conversion in parsed:
+        bad = sorted({c for c in literal if c in FORBIDDEN_IN_NAMES or ord(c) < 32 or c == "\x7f"})
+        if bad:
+            raise ValueError(f"{template!r} contains characters not allowed in file names: "
+                             + " ".join(repr(c) for c in bad))
+        if name is None:
+            continue
+        if name not in NAME_FIELDS:
+            raise ValueError(f"unknown placeholder {{{name}}} (known: "
+                             + ", ".join("{" + f + "}" for f in NAME_FIELDS) + ")")
+        if spec or conversion:
+            raise ValueError(f"placeholder {{{name}}} takes no format or conversion")
+        fields.append(name)
+    return fields
+
+
+NUMBER_MARKER = "\x00"  # where {n} goes: no file name, template or output_name holds a NUL
+
+
+def render_output_name(template: str, name: str, preset: Optional[str], seed: int, when: datetime,
+                       n: Optional[int] = None) -> str:
+    """An output's base name from ``template``; ``{n}`` becomes NUMBER_MARKER when ``n`` is None."""
+    return template.format(name=name, preset=preset or "", seed=seed, date=when.strftime("%Y-%m-%d"),
+                           time=when.strftime("%H%M%S"), n=NUMBER_MARKER if n is None else n)
+
+
+def check_output_name(template: str, name: str, preset: Optional[str], seed: int) -> str:
+    """The name ``template`` gives (with the longest date, time and counter); ValueError when it
+    is not a usable file name."""
+    _name_fields(template)
+    longest = render_output_name(template, name, preset, seed, datetime(2000, 12, 31, 23, 59, 59), 99999)
+    size = len(longest.encode("utf-8", "surrogateescape"))
+    if size > MAX_OUTPUT_NAME_BYTES:
+        raise ValueError(f"the output name {longest[:60]!r}... would be {size} bytes, more than "
+                         f"{MAX_OUTPUT_NAME_BYTES} (file names hold 255 bytes with the extension and "
+                         "a temporary name)")
+    if not longest.strip() or longest.startswith("."):
+        raise ValueError(f"the output name {longest!r} would be empty or hidden (starting with a dot)")
+    return longest
+
+
+ColourProfile = Literal["srgb", "input"]
+
+
+class OutputOptions(BaseModel):
+    """How outputs are named and what they carry besides pixels (configured under ``[output]``;
+    a job file or preset may set each)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name_template: Annotated[str, Field(min_length=1, max_length=200, description="Output base name: `{name}` (output_name, else the job's or photo's name), `{preset}`, `{seed}`, `{date}` (YYYY-MM-DD), `{time}` (HHMMSS, local time of publishing), `{n}` (1, 2, ... the first free number). Never overwrites: without `{n}` a taken name gets `-1`, `-2`, ....")] = "{name}"
+    strip_location: Annotated[bool, Field(description="Drop GPS position from the metadata carried over from image1.")] = False
+    strip_metadata: Annotated[bool, Field(description="Carry over no metadata from image1 at all (EXIF, XMP); the colour profile and the edit's provenance are still written.")] = False
+    colour_profile: Annotated[ColourProfile, Field(description="`srgb`: the output is sRGB, tagged so (the model works in sRGB, every viewer shows it right). `input`: converted back into image1's RGB ICC profile (e.g. Display P3, Adobe RGB) and tagged with it; 8-bit outputs of RGB-profiled inputs only.")] = "srgb"
+
+    @field_validator("name_template")
+    @classmethod
+    def _template_is_valid(cls, value: str) -> str:
+        _name_fields(value)
         return value
 
 
@@ -88,7 +180,7 @@ class JobFile(BaseModel):
     seed: Annotated[Optional[int], Field(ge=0, le=MAX_SEED, description="Sampler seed; a random one is chosen and recorded when absent.")] = None
     seeds: Annotated[Optional[list[Annotated[int, Field(ge=0, le=MAX_SEED)]]], Field(min_length=1, max_length=64, description="Several seeds: one output each, named `<output_name>-<seed>`; the encodings are computed once.")] = None
     variations: Annotated[Optional[int], Field(ge=1, le=64, description="N outputs with seeds seed, seed+1, ... (random when no seed), named `<output_name>-<seed>`.")] = None
-    output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs (default: the job's name).")] = None
+    output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs, `{name}` in `name_template` (default: the job's name).")] = None
     priority: Annotated[int, Field(ge=-100, le=100, description="Higher runs first.")] = 0
     # Stage parameters, each optional: absent means the configured default.
     megapixels: Optional[float] = None
@@ -107,6 +199,20 @@ class JobFile(BaseModel):
     lora_strength: Optional[float] = None
     output_format: Optional[OutputFormat] = None
     quality: Optional[int] = None
+    output_size: Optional[OutputSize] = None
+    bit_depth: Optional[BitDepth] = None
+    # Output options, each optional: absent means the configured ``[output]`` value.
+    name_template: Optional[str] = None
+    strip_location: Optional[bool] = None
+    strip_metadata: Optional[bool] = None
+    colour_profile: Optional[ColourProfile] = None
+
+    @field_validator("name_template")
+    @classmethod
+    def _template_is_valid(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            _name_fields(value)
+        return value
 
     @field_validator("output_name")
     @classmethod
@@ -146,6 +252,11 @@ class JobFile(BaseModel):
         """The named image paths, in order, as written in the file."""
         return {key: getattr(self, key) for key in IMAGE_KEYS if getattr(self, key)}
 
+    def output_options(self, defaults: OutputOptions) -> OutputOptions:
+        """Effective output options: this file's values over ``defaults``."""
+        given = {name: getattr(self, name) for name in OutputOptions.model_fields if getattr(self, name) is not None}
+        return defaults.model_copy(update=given)
+
     def parameters(self, defaults: StageParameters) -> StageParameters:
         """Effective stage parameters: this file's values over ``defaults``, re-validated."""
         given = {name: getattr(self, name) for name in StageParameters.model_fields
@@ -158,8 +269,8 @@ class JobFile(BaseModel):
         return StageParameters.model_validate(merged)
 
 
-# Field descriptions of the optional stage parameters are the StageParameters ones.
-for _name, _field in StageParameters.model_fields.items():
+# Field descriptions of the optional stage parameters and output options are their models' ones.
+for _name, _field in {**StageParameters.model_fields, **OutputOptions.model_fields}.items():
     if JobFile.model_fields[_name].description is None:
         JobFile.model_fields[_name].description = _field.description
 JobFile.model_rebuild(force=True)
@@ -208,6 +319,9 @@ def parse_job_file(raw: bytes, path: str, defaults: StageParameters) -> tuple[Jo
         else:
             exc_msg = str(exc)
             field = "width" if "width" in exc_msg else None
+        if field is None:
+            field = next((name for name in StageParameters.model_fields if exc_msg.startswith(name)
+                          or f"Value error, {name}" in exc_msg), None)
         raise JobFileError(path, exc_msg, field) from exc
 
 

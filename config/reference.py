@@ -10,7 +10,7 @@ from pathlib import Path
 from enum import Enum
 from typing import Any, Literal, get_args, get_origin
 
-from config.job import JobFile, Preset, StageParameters
+from config.job import JobFile, OutputOptions, Preset, StageParameters
 from config.settings import DEFAULT_CONFIG_FILE, Settings
 
 
@@ -54,7 +54,7 @@ def configuration_md() -> str:
         "|---|---|---|---|",
     ]
     for name, field in Settings.model_fields.items():
-        if name == "defaults":
+        if name in ("defaults", "output"):
             continue
         lines.append(f"| `{name}` | `QIE_{name.upper()}` | {_default(field)} | {field.description} |")
     lines += [
@@ -69,6 +69,17 @@ def configuration_md() -> str:
         "|---|---|---|",
     ]
     lines += [f"| `{name}` | {_default(field)} | {field.description} |" for name, field in StageParameters.model_fields.items()]
+    lines += [
+        "",
+        "## Output naming, metadata and colour: `[output]`",
+        "",
+        "Defaults for every job; a job file or a preset may set each (see job-file.md, *Photos*). "
+        "In the TOML file's `[output]` table, or as `QIE_OUTPUT__<NAME>`, e.g. `QIE_OUTPUT__STRIP_LOCATION=true`.",
+        "",
+        "| option | default | meaning |",
+        "|---|---|---|",
+    ]
+    lines += [f"| `{name}` | {_default(field)} | {field.description} |" for name, field in OutputOptions.model_fields.items()]
     lines += [
         "",
         "## Example `qie-hotfolder.toml`",
@@ -89,6 +100,10 @@ def configuration_md() -> str:
         "steps = 4",
         "cfg = 1.0",
         'lora = "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"',
+        "",
+        "[output]",
+        'name_template = "{name}-edit"',
+        "strip_location = true",
         "```",
         "",
     ]
@@ -105,7 +120,14 @@ EXAMPLES = {
     "Base model without the Lightning LoRA (the template's 'off' switch)": {
         "prompt": "Remove the text on the sign", "image1": "street.png", "lora": "none",
         "steps": 20, "cfg": 4.0, "negative_prompt": "blurry, low quality"},
+    "A photographer's edit: full size, 16-bit, in the photo's own colour space, no location": {
+        "prompt": "Remove the tourists from the beach", "image1": "IMG_4711.png", "output_size": "input",
+        "bit_depth": "input", "colour_profile": "input", "strip_location": True,
+        "name_template": "{name}-edit-{date}-{n}"},
 }
+
+PHOTO_PRESET = {"prompt": "Make it a snowy winter day", "output_format": "jpg", "quality": 95,
+                "output_size": "input", "name_template": "{preset}-{name}", "strip_location": True}
 
 
 def job_file_md() -> str:
@@ -127,7 +149,8 @@ def job_file_md() -> str:
     ]
     required = set(schema.get("required", []))
     for name, field in JobFile.model_fields.items():
-        default = "from `[defaults]`" if name in StageParameters.model_fields else _default(field)
+        default = ("from `[defaults]`" if name in StageParameters.model_fields
+                   else "from `[output]`" if name in OutputOptions.model_fields else _default(field))
         if name in required:
             default = ""
         lines.append(f"| `{name}` | {_type(field.annotation)} | {'yes' if name in required else ''} | {default} | {field.description} |")
@@ -152,14 +175,57 @@ def job_file_md() -> str:
         "- `preset.json` takes every key of a job file but `image1` and `output_name`; `image2`/`image3` are "
         "files in the preset folder, references shared by all its jobs. The preset and its references stay "
         "in the folder.",
-        "- Each image (`.png .jpg .jpeg .webp .bmp .tif .tiff .gif`) directly in the folder is a job named "
-        "`<preset>/<image name without extension>`. Its outputs go to `outbox/<preset>/`, its originals to "
-        "`archive/<preset>/<id>-<name>/`, a failure to `failed/<preset>/`. Other files are left alone.",
+        "- Each picture directly in the folder is a job named `<preset>/<image name without extension>`: "
+        "every format Pillow reads (JPEG, PNG, WebP, TIFF, AVIF, BMP, GIF, ...) and HEIC/HEIF when the optional "
+        "`pillow-heif` is installed (`pip install 'qie-hotfolder[heif]'`; `doctor` says whether it is). Its "
+        "outputs go to `outbox/<preset>/`, its originals to `archive/<preset>/<id>-<name>/`, a failure to "
+        "`failed/<preset>/`. Other files are left alone, and `python run.py status` lists them as IGNORED "
+        "with the reason (a `.heic` without pillow-heif says so).",
         "- A sub-folder holding `job.json` is a folder job whose values go over the preset's.",
         "- A preset that is not valid fails nothing: its images wait in the inbox, the log and "
         "`python run.py status` show an ALARM naming the file and field, and the images are processed once "
         "it is fixed. `python run.py check inbox/make-it-winter/preset.json` validates one.",
         "",
+    ]
+    problem = check_template_example()
+    lines += [
+        "## Photos: metadata, colour, size, names, bit depth",
+        "",
+        "- **Metadata**: every output carries image1's EXIF (camera, lens, exposure, capture time...) and XMP "
+        "(ratings, keywords), in PNG, JPEG and WebP alike. The orientation is applied to the pixels and reset "
+        "to 1 (EXIF and XMP `tiff:Orientation`); the embedded thumbnail is dropped (it shows the picture before "
+        "the edit); the pixel dimensions are the output's. EXIF `Software` names qie-hotfolder, and XMP says "
+        "what was done: `qie:Prompt`, `qie:Seed`, `qie:Manifest` (the manifest's file name). "
+        "`strip_location` drops GPS (EXIF and XMP `exif:GPS*`); `strip_metadata` drops everything from image1 "
+        "but keeps the colour profile and that provenance. PNGs also carry the parameters as a text chunk.",
+        "- **Colour**: the model works in sRGB. Every picture is made upright 8-bit sRGB first: its ICC profile "
+        "(Display P3, Adobe RGB, a grey or CMYK profile) is converted with LittleCMS (relative colorimetric, "
+        "black-point compensation); one that cannot be read is ignored and the picture taken as sRGB. "
+        "16-bit, 32-bit and float pictures are scaled by their depth (float: 0..1 is black..white). "
+        "`colour_profile`: `srgb` (default) tags the output sRGB, which every viewer, browser and print "
+        "service shows right and which holds everything the model produced; `input` converts it back into "
+        "image1's RGB profile and embeds that, for catalogues kept in one wide-gamut space (8-bit outputs; "
+        "CMYK and grey inputs stay sRGB).",
+        "- **Size**: `output_size = \"input\"` gives the output image1's upright size and aspect, resized "
+        "with Lanczos from the model's result (a 1-megapixel edit of a 24-megapixel photo comes back at "
+        "24 megapixels: the model's result enlarged, not new detail); `model` keeps the size the model worked at. The resize "
+        "happens when publishing: checkpoints stay the model's pixels, so changing it reruns nothing. The "
+        "manifest's `output.size` and `output.model_size` say which.",
+        "- **Bit depth**: `bit_depth` 16 (or `input`: 16 when image1 has more than 8 bits per channel) writes a "
+        "16-bit PNG from the VAE's float output; JPEG and WebP are 8-bit.",
+        "- **Names**: `name_template` takes `{name}` (`output_name`, else the job's or photo's name), "
+        "`{preset}` (empty outside a preset folder), `{seed}`, `{date}` (YYYY-MM-DD) and `{time}` (HHMMSS) of "
+        "publishing, and `{n}` (the first free number, from 1). It is checked at ingest: known placeholders "
+        "only, none of `/ \\ < > : \" | ? *` or control characters, at most 200 bytes once filled in; a bad "
+        "one fails the job naming the field. Several seeds without `{seed}` in the template get `-<seed>`.",
+        "",
+        "A preset for a photographer's NAS folder:",
+        "",
+        "```json",
+        json.dumps(PHOTO_PRESET, indent=2),
+        "```",
+        "",
+        problem,
     ]
     lines += [
         "## What happens to it",
@@ -168,14 +234,29 @@ def job_file_md() -> str:
         "`settle_seconds`. Names starting with `.` or ending in `.part`, `.tmp`, `.crdownload`, `.!sync`, `~` "
         "are ignored, so copy under such a name and rename when done.",
         "- Its files are copied into `work/`, recorded, and only then removed from the inbox.",
-        "- The result is `outbox/<output_name>.<png|jpg|webp>` plus `outbox/<output_name>.json` (the manifest: "
-        "parameters, seed, models, engine, stage timings and cache hits, input and output sha256). "
-        "A name already taken gets a suffix `-1`, `-2`, ...",
+        "- The result is `outbox/<name>.<png|jpg|webp>` plus `outbox/<name>.json` (the manifest: "
+        "parameters, seed, models, engine, stage timings and cache hits, input and output sha256, and under "
+        "`output` its size, the model's size, bit depth, colour profile and what metadata it carries). "
+        "`<name>` follows `name_template`; a name already taken gets a suffix `-1`, `-2`, ... (or the next "
+        "`{n}`): nothing is ever overwritten.",
         "- A job that cannot run lands in `failed/` as `<name>.error.json` (naming the file and field) and a "
         "folder `<name>/` with the original files. Fix and drop them again, or `python run.py retry ID`.",
         "",
     ]
     return "\n".join(lines)
+
+
+def check_template_example() -> str:
+    """A line showing what the preset example's names look like (checked, not just printed)."""
+    from datetime import datetime
+
+    from config.job import check_output_name, render_output_name
+    template = PHOTO_PRESET["name_template"]
+    check_output_name(template, "IMG_4711", "make-it-winter", 1234)
+    Preset.model_validate(PHOTO_PRESET)
+    example = render_output_name(template, "IMG_4711", "make-it-winter", 1234, datetime(2026, 1, 2, 3, 4, 5))
+    return (f"With it, `inbox/make-it-winter/IMG_4711.jpg` becomes `outbox/make-it-winter/{example}.jpg` at the "
+            "photo's own size, with its EXIF and XMP but no GPS.\n")
 
 
 def write_docs(folder: Path) -> list[Path]:

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_settings import (BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict,
                                TomlConfigSettingsSource)
 
-from config.job import StageParameters
+from config.job import OutputOptions, StageParameters
 
 DEFAULT_CONFIG_FILE = "qie-hotfolder.toml"
 
@@ -66,6 +66,7 @@ class Settings(BaseSettings):
     corrupt_grace_seconds: float = Field(30.0, ge=0, description="An image that does not decode is given this long (stable) to finish arriving before the job fails.")
     max_job_file_bytes: int = Field(1_000_000, gt=0, description="Job files larger than this are rejected.")
     max_image_pixels: int = Field(100_000_000, gt=0, description="Images with more pixels are rejected (decompression-bomb guard).")
+    max_aspect_ratio: float = Field(20.0, ge=1, description="Images whose long side is more than this many times their short side are refused at ingest (the engine may allow less; the error names the limit).")
 
     # Engine and models
     engine: Literal["diffusers", "comfyui", "fake"] = Field("diffusers", description="Which library computes the stages: `diffusers`, `comfyui`, or `fake` (tests and benchmarks: no model, the output is the input).")
@@ -113,6 +114,7 @@ class Settings(BaseSettings):
     log_json: bool = Field(False, description="Log JSON lines instead of text.")
 
     defaults: StageParameters = Field(default_factory=StageParameters, description="Job parameter defaults (a job file's values win).")
+    output: OutputOptions = Field(default_factory=OutputOptions, description="Output naming, metadata and colour defaults (a job file's or preset's values win).")
     fake: FakeEngineSettings = Field(default_factory=FakeEngineSettings, description="The fake engine's settings (tests and benchmarks).")
 
     @model_validator(mode="after")

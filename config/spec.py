@@ -18,7 +18,7 @@ from typing import Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from config.job import StageParameters
+from config.job import OutputOptions, StageParameters
 
 SPEC_VERSION = 2
 IMAGE_ORDER = {"image1": 0, "image2": 1, "image3": 2}
@@ -50,7 +50,8 @@ class JobSpec(BaseModel):
     is_folder: bool = False
     preset: Optional[str] = None
     outbox_subfolder: Optional[str] = None
-    output_name: str = ""
+    output_name: str = ""  # the value of ``{name}`` in ``output.name_template``
+    output: OutputOptions = Field(default_factory=OutputOptions)  # naming, metadata, colour (rows before: defaults)
 
     @classmethod
     def from_stored(cls, data: Any) -> "JobSpec":

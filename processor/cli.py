@@ -125,17 +125,18 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from processor.report import daemon_status, status_rows, status_table
+    from processor.report import daemon_status, inbox_ignored, status_rows, status_table
     settings = settings_from(args)
     db = open_db(settings)
     if args.watch:
         return _watch_status(db, args, settings)
     rows, alarms = status_rows(db, include_finished=not args.active, limit=args.limit)
     daemon = daemon_status(settings.work)
+    ignored = inbox_ignored(settings)
     if args.json:
-        print(json.dumps({"jobs": rows, "alarms": alarms, "daemons": daemon}, indent=2))
+        print(json.dumps({"jobs": rows, "alarms": alarms, "daemons": daemon, "ignored": ignored}, indent=2))
     else:
-        print(status_table(rows, alarms, daemon))
+        print(status_table(rows, alarms, daemon, ignored))
     return 0
 
 
@@ -208,17 +209,19 @@ def cmd_check(args: argparse.Namespace) -> int:
     if path.name == PRESET_FILE:
         try:
             preset = parse_preset(path.read_bytes(), str(path), settings.defaults)
-            _, params = job_over_preset(preset, None, "image.png", str(path), settings.defaults)
+            job, params = job_over_preset(preset, None, "image.png", str(path), settings.defaults)
         except JobFileError as exc:
             raise UserError(str(exc)) from exc
-        print(json.dumps({"preset": preset, "effective_parameters": params.model_dump(mode="json")}, indent=2))
+        print(json.dumps({"preset": preset, "effective_parameters": params.model_dump(mode="json"),
+                          "effective_output": job.output_options(settings.output).model_dump(mode="json")}, indent=2))
         return 0
     try:
         job, params = parse_job_file(path.read_bytes(), str(path), settings.defaults)
     except JobFileError as exc:
         raise UserError(str(exc)) from exc
     print(json.dumps({"job_file": job.model_dump(exclude_none=True, mode="json"),
-                      "effective_parameters": params.model_dump(mode="json")}, indent=2))
+                      "effective_parameters": params.model_dump(mode="json"),
+                      "effective_output": job.output_options(settings.output).model_dump(mode="json")}, indent=2))
     return 0
 
 

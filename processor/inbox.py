@@ -10,7 +10,7 @@ image directly in it is a job with the preset's values and that image as image1,
 ``<preset>/<image stem>`` and published into ``outbox/<preset>/``; a sub-folder holding
 ``job.json`` is a folder job whose values go over the preset's. ``preset.json`` and the images
 it names (image2, image3: references shared by all its jobs) stay in the folder. Other files
-there are left alone.
+there are left alone, and ``ignored_files`` names them with the reason (``status`` shows them).
 
 Nothing is read through a link or from anything but a regular file: a job file, ``job.json`` or
 ``preset.json`` that is a symbolic link, a named pipe, a folder or a device is refused (a job
@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from config import JobFileError
+from stages.formats import readable_suffixes, unreadable_reason
 
 FOLDER_JOB_FILE = "job.json"
 PRESET_FILE = "preset.json"
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff", ".gif")
 TEMP_SUFFIXES = (".part", ".partial", ".tmp", ".temp", ".crdownload", ".download", ".!sync",
                  ".!qb", ".filepart", ".swp", "~")
 IGNORED_NAMES = {"Thumbs.db", "desktop.ini", "@eaDir", "#recycle", "$RECYCLE.BIN", "lost+found"}
@@ -127,7 +127,27 @@ def find_candidates(inbox: Path) -> list[Candidate]:
 
 
 def is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMAGE_SUFFIXES)
+    """A name ending as a format the daemon reads (Pillow's, HEIC with pillow-heif)."""
+    return name.lower().endswith(readable_suffixes())
+
+
+def ignored_files(inbox: Path) -> list[tuple[str, str]]:
+    """Files in preset folders that no job will take, as (path relative to the inbox, why)."""
+    found = []
+    try:
+        entries = sorted(os.scandir(inbox), key=lambda e: e.name)
+    except OSError:
+        return []
+    for top in entries:
+        if is_ignored(top.name) or not top.is_dir(follow_symlinks=False) or not os.path.isfile(Path(top.path) / PRESET_FILE):
+            continue
+        shared = preset_references(Path(top.path) / PRESET_FILE)
+        for entry in sorted(os.scandir(top.path), key=lambda e: e.name):
+            if (is_ignored(entry.name) or entry.name == PRESET_FILE or entry.name in shared
+                    or not entry.is_file(follow_symlinks=False) or is_image_name(entry.name)):
+                continue
+            found.append((f"{readable(top.name)}/{readable(entry.name)}", unreadable_reason(entry.name)))
+    return found
 
 
 def preset_candidates(folder: Path) -> list[Candidate]:

@@ -47,6 +47,7 @@ from typing import Optional
 from sqlalchemy.exc import DBAPIError
 
 from config import (IMAGE_KEYS, InputFile, JobFile, JobFileError, JobSpec, Settings, StageParameters, check_job_name,
+                    check_output_name,
                     job_over_preset, parse_job_file, parse_preset)
 from db import Database, jobs
 from processor import publish
@@ -56,7 +57,8 @@ from processor.inbox import (FOLDER_JOB_FILE, PRESET_FILE, Candidate, SettleTrac
                              not_a_file, present, preset_references, read_regular, refusal, remove_empty_dirs,
                              resolve_inside, signature)
 from processor.logs import job_context
-from stages.prepare import ImageError, load_image
+from stages.engine import engine_class
+from stages.prepare import ImageError, check_proportions, load_image
 
 log = logging.getLogger(__name__)
 
@@ -97,6 +99,7 @@ class Ingestor:
         self._named: dict[str, tuple[tuple, frozenset[str]]] = {}  # job file -> (its signature, what it names)
         self._job_folders: set[str] = set()  # the job folders of this scan (also once ingested during it)
         self._decoded: dict[Path, Optional[tuple[int, int]]] = {}  # images that decoded, at that size and mtime
+        self._engine_ratio: Optional[tuple[float, str]] = None  # the engine's max_aspect_ratio
 
     def scan(self, now: float, touched: Optional[set[str]] = None) -> ScanResult:
         """Look at everything in the inbox once; ingest what is ready. ``touched``: names directly
@@ -194,7 +197,7 @@ class Ingestor:
         # A job file in the inbox naming another job's file is refused before any waiting; a
         # folder is listed only once its images are there.
         split = self._split(candidate, images, claims) if not candidate.is_folder and candidate.image is None else None
-        reason = self._images_not_ready(candidate, images, waiting, now)
+        reason = self._images_not_ready(candidate, images, waiting, now, params)
         if reason:
             waiting.reason = reason
             return None
@@ -260,7 +263,7 @@ class Ingestor:
             jobs.add_event(session, None, "alarm", text, level="error")
 
     def _images_not_ready(self, candidate: Candidate, images: dict[str, Path], waiting: Waiting,
-                          now: float) -> Optional[str]:
+                          now: float, params: StageParameters) -> Optional[str]:
         """Why the images are not ready yet, None when they are: first that each is there and a
         file, then that all settled, and only then that each decodes (once per version of the
         file), so that a job waiting for one image does not decode the others again and again."""
@@ -284,15 +287,34 @@ class Ingestor:
             if self._decoded.get(path) == version:
                 continue
             try:
-                load_image(path, key, self.settings.max_image_pixels)
+                image = load_image(path, key, self.settings.max_image_pixels)
             except ImageError as exc:
                 # A writer that paused longer than the settle time leaves a truncated image: give
                 # it a while before calling the file broken.
                 if self.tracker.stable_for(path, now) < self.settings.corrupt_grace_seconds:
                     return f"{key} ({relative_name(path, candidate.folder)}) is not a complete image yet"
                 raise JobFileError(candidate.source, str(exc), key) from exc
+            self._check_proportions(candidate, key, path, image.size, params)
             self._decoded[path] = version
         return None
+
+    def _check_proportions(self, candidate: Candidate, key: str, path: Path, size: tuple[int, int],
+                           params: StageParameters) -> None:
+        """JobFileError unless the image (and, for image1, a custom output size) keeps within the
+        aspect ratio the daemon and the engine accept."""
+        if self._engine_ratio is None:
+            self._engine_ratio = engine_class(self.settings.engine).max_aspect_ratio(self.settings)
+        try:
+            check_proportions(size, key, path.name, self.settings.max_aspect_ratio, *self._engine_ratio,
+                              megapixels=params.megapixels if key == "image1" else None)
+        except ImageError as exc:
+            raise JobFileError(candidate.source, str(exc), key) from exc
+        if key == "image1" and params.width is not None and params.height is not None:
+            try:  # a custom output size meets the same limits
+                check_proportions((params.width, params.height), "width x height", "the output size",
+                                  self.settings.max_aspect_ratio, *self._engine_ratio)
+            except ImageError as exc:
+                raise JobFileError(candidate.source, str(exc), "width") from exc
 
     # Whose files -----------------------------------------------------------------------------
 
@@ -382,6 +404,19 @@ class Ingestor:
             self._clear_inbox(candidate, owned, identities, key, existing_id)
             return existing_id
 
+        seeds, seed_source = job_seeds(job)
+        base_name = job.output_name or candidate.output_stem
+        output = job.output_options(self.settings.output)
+        # Several seeds are told apart by "-<seed>" unless the template names the seed.
+        seed_suffix = len(seeds) > 1 and "{seed}" not in output.name_template
+        for seed in seeds:
+            try:
+                check_output_name(output.name_template, base_name + (f"-{seed}" if seed_suffix else ""),
+                                  candidate.preset, seed)
+            except ValueError as exc:
+                raise JobFileError(candidate.source, str(exc),
+                                   "output_name" if job.output_name else "name_template") from exc
+
         work_dir = self.settings.work / "jobs" / work_dir_name(key, taken)
         inputs = self._copy(candidate, work_dir, copied, images, key)
         changed = [path for path in copied if _content(path) != contents[path]]
@@ -391,14 +426,12 @@ class Ingestor:
                               "ingested once it settles")
             return None
 
-        seeds, seed_source = job_seeds(job)
-        base_name = job.output_name or candidate.output_stem
         spec = dict(job_file=job.model_dump(exclude_none=True, mode="json"),
                     job_file_name=candidate.job_file.relative_to(candidate.folder).as_posix(),
                     prompt=job.prompt, negative_prompt=job.negative_prompt,
                     images={k: stored_name(candidate, p) for k, p in images.items()}, seed_source=seed_source,
                     parameters=params, is_folder=candidate.is_folder, preset=candidate.preset,
-                    outbox_subfolder=candidate.preset)
+                    outbox_subfolder=candidate.preset, output=output)
         # One job per seed: a seed sweep shares the originals and, through the fingerprints,
         # every checkpoint before ``sample``.
         with self.db.begin() as session:
@@ -407,7 +440,8 @@ class Ingestor:
                 suffix = f"-{seed}" if len(seeds) > 1 else ""
                 row = jobs.create_job(session, name=candidate.name + suffix, source=candidate.source,
                                       ingest_key=key,
-                                      spec=JobSpec(**spec, seed=seed, output_name=base_name + suffix),
+                                      spec=JobSpec(**spec, seed=seed,
+                                                   output_name=base_name + (suffix if seed_suffix else "")),
                                       inputs=inputs, work_dir=str(work_dir), priority=job.priority,
                                       preset=candidate.preset)
                 job_ids.append(row.id)

@@ -5,7 +5,9 @@
   watcher downstream never sees half a file and no file is ever replaced. The name is chosen
   free of existing files and of every name another job has reserved, and reserved in the
   database before anything is written, so a publish repeated after a crash writes the same
-  files (and recognises its own image by its sha256) instead of making a duplicate.
+  files (and recognises its own image by its sha256) instead of making a duplicate. The name
+  follows the job's ``name_template`` (``{name}``, ``{preset}``, ``{seed}``, ``{date}``,
+  ``{time}``, ``{n}``); what the file holds besides pixels is ``processor/output.py``'s.
 - failed: ``<name>.error.json`` and a folder ``<name>/`` with the job's original files.
 - archive: a folder ``<job id>-<name>/`` with the original files of a finished job.
 
@@ -17,7 +19,6 @@ as its outputs go into ``outbox/<preset>/``.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import os
@@ -25,17 +26,18 @@ import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
-import numpy as np
 
-from config import MAX_NAME_BYTES, JobSpec, Published, Settings
+from config import MAX_NAME_BYTES, NUMBER_MARKER, JobSpec, Published, Settings, render_output_name
 from config.untrusted import control_characters
 from db import Database, Job, checkpoints, jobs, utcnow
 from processor import files
+from processor.encode import image_bytes  # noqa: F401 - part of this module's interface
 from processor.faults import fault_point
 from processor.inbox import remove_empty_dirs, unique_path
 from processor.manifest import build_manifest
+from processor.output import Output, make_output, source_of
 from processor.plan import FINAL, JobPlan
 from stages import Engine
 
@@ -48,40 +50,22 @@ class LeaseLost(Exception):
     """Another worker took the job over before it was published."""
 
 
-def image_bytes(image: Any, output_format: str, quality: int, text: dict[str, str]) -> bytes:
-    """Encode an [H, W, 3] uint8 image; PNGs carry ``text`` as tEXt chunks."""
-    from PIL import Image, PngImagePlugin
-
-    pixels = np.asarray(image)
-    if pixels.dtype != np.uint8:
-        raise ValueError(f"the image to publish must be 8-bit, not {pixels.dtype}")
-    picture = Image.fromarray(pixels, "RGB")
-    buffer = io.BytesIO()
-    if output_format == "png":
-        info = PngImagePlugin.PngInfo()
-        for key, value in text.items():
-            info.add_text(key, value)
-        picture.save(buffer, format="PNG", pnginfo=info)
-    elif output_format == "jpg":
-        picture.save(buffer, format="JPEG", quality=quality)
-    elif output_format == "webp":
-        picture.save(buffer, format="WEBP", quality=quality)
-    else:
-        raise ValueError(f"unknown output format {output_format!r}")
-    return buffer.getvalue()
-
-
 def outbox_for(settings: Settings, spec: JobSpec) -> Path:
     """The folder a job publishes into: the outbox, or its preset's sub-folder of it."""
     return settings.outbox / spec.outbox_subfolder if spec.outbox_subfolder else settings.outbox
 
 
 def choose_output_name(outbox: Path, wanted: str, output_format: str, reserved: Iterable[str] = ()) -> str:
-    """A base name free for both the image and the manifest, and not reserved by another job."""
+    """A base name free for both the image and the manifest, and not reserved by another job.
+    ``wanted`` holding NUMBER_MARKER (a template's ``{n}``) takes the first free number 1, 2, ...
+    there; else a taken name gets ``-1``, ``-2``, ..."""
     taken = set(reserved)
     counter = 0
     while True:
-        name = wanted if counter == 0 else f"{wanted}-{counter}"
+        if NUMBER_MARKER in wanted:
+            name = wanted.replace(NUMBER_MARKER, str(counter + 1))
+        else:
+            name = wanted if counter == 0 else f"{wanted}-{counter}"
         if name not in taken and not any(os.path.lexists(outbox / f"{name}{suffix}")
                                          for suffix in (EXTENSIONS[output_format], ".json")):
             return name
@@ -100,18 +84,18 @@ def publish_job(settings: Settings, db: Database, worker: str, job: Job, plan: J
         if not jobs.renew_lease(session, job.id, worker, settings.lease_seconds, utcnow()):
             raise LeaseLost(job.id)
         row = jobs.get_job(session, job.id)
-        name = row.output_name or _reserve(session, job, outbox, spec.output_name, params.output_format)
+        wanted = render_output_name(spec.output.name_template, spec.output_name, spec.preset, spec.seed, datetime.now())
+        name = row.output_name or _reserve(session, job, outbox, wanted, params.output_format)
         runs = checkpoints.runs_for(session, job.id)
         keep_originals = jobs.siblings_unfinished(session, job.id, job.work_dir)
         attempts, crashes = row.attempts, row.crashes
-    image = final["image"]
-    text = {"parameters": json.dumps({"prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
-                                      "seed": spec.seed, **params.model_dump(mode="json")}, sort_keys=True),
-            "software": "qie-hotfolder"}
-    data = image_bytes(image, params.output_format, params.quality, text)
+    source = source_of(Path(job.work_dir), spec)
+
+    def encode(name: str) -> Output:
+        return make_output(spec, params, final, source, f"{name}.json")
+
     manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads)
-    manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": params.output_format}
-    written = _write_outputs(db, job, outbox, name, data, params.output_format, manifest)
+    written = _write_outputs(db, job, outbox, name, encode, params.output_format, manifest)
     originals = "kept for the other jobs of the same drop" if keep_originals else _archive(settings, job)
     result = Published(image=str(written["image"]), manifest=str(written["manifest"]), sha256=written["sha256"],
                        originals=originals)
@@ -128,14 +112,17 @@ def _reserve(session: Any, job: Job, outbox: Path, wanted: str, output_format: s
     return name
 
 
-def _write_outputs(db: Database, job: Job, outbox: Path, name: str, image: bytes, output_format: str,
-                   manifest: dict[str, Any]) -> dict[str, Any]:
+def _write_outputs(db: Database, job: Job, outbox: Path, name: str, encode: Callable[[str], Output],
+                   output_format: str, manifest: dict[str, Any]) -> dict[str, Any]:
     """Write image then manifest under ``name`` without replacing anything that is not this
     job's own earlier attempt; a name taken meanwhile by a file of someone else's moves the job
-    to the next free name (reserved anew)."""
+    to the next free name (reserved anew). ``encode(name)``: the image (its provenance names
+    the manifest)."""
     outbox.mkdir(parents=True, exist_ok=True)
-    sha = files.digest_bytes(image)
     while True:
+        output = encode(name)
+        image = output.data
+        sha = files.digest_bytes(image)
         image_path = outbox / f"{name}{EXTENSIONS[output_format]}"
         manifest_path = outbox / f"{name}.json"
         fault_point("publish.write")
@@ -146,8 +133,8 @@ def _write_outputs(db: Database, job: Job, outbox: Path, name: str, image: bytes
                 name = _move_on(db, job, outbox, name, output_format, image_path)
                 continue
         fault_point("publish.image")
-        document = {**manifest, "output": {**manifest.get("output", {}), "file": image_path.name,
-                                           "sha256": sha, "bytes": len(image)}}
+        document = {**manifest, "output": {**output.info, "file": image_path.name, "sha256": sha,
+                                           "bytes": len(image)}}
         data = (json.dumps(document, indent=2) + "\n").encode()
         try:
             files.write_new(manifest_path, data, unique=False)

@@ -95,8 +95,16 @@ def daemon_line(daemon: dict[str, Any]) -> str:
             f"loading took {cache.get('load_seconds', 0):.1f} s")
 
 
-def status_table(rows: list[dict], alarms: list[dict], daemons: Optional[list[dict[str, Any]]] = None) -> str:
+def inbox_ignored(settings: Settings) -> list[dict[str, str]]:
+    """Files in preset folders that no job takes, with the reason."""
+    from processor.inbox import ignored_files
+    return [{"file": name, "reason": reason} for name, reason in ignored_files(settings.inbox)]
+
+
+def status_table(rows: list[dict], alarms: list[dict], daemons: Optional[list[dict[str, Any]]] = None,
+                 ignored: Optional[list[dict[str, str]]] = None) -> str:
     lines = [f"ALARM {a['at']}: {printable(a['message'])}" for a in alarms]
+    lines += [f"IGNORED inbox/{printable(i['file'])}: {printable(i['reason'])}" for i in ignored or ()]
     lines += [daemon_line(daemon) for daemon in daemons or ()]
     if not rows:
         return "\n".join(lines + ["no jobs yet"])
@@ -178,6 +186,8 @@ def doctor(settings: Settings) -> dict[str, Any]:
         check("memory", True, f"{psutil.virtual_memory().available / 1e9:.1f} GB RAM available")
     except ImportError:
         pass
+    from stages.formats import heif_status
+    check("heif", True, heif_status()[1])  # optional: absent is fine, doctor says so
     try:
         from stages.engine import engine_class
         for found in engine_class(settings.engine).diagnose(settings):

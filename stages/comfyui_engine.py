@@ -353,6 +353,12 @@ class ComfyUIEngine:
         return sizes
 
     @classmethod
+    def max_aspect_ratio(cls, settings: Settings) -> tuple[float, str]:
+        """TextEncodeQwenImageEditPlus gives the vision tower about 384x384 pixels of each image,
+        whose processor (Qwen2.5-VL's) takes at most 200:1."""
+        return 200.0, "Qwen2.5-VL's image processor takes at most 200:1"
+
+    @classmethod
     def diagnose(cls, settings: Settings) -> list[Check]:
         report = comfyui_report(settings)
         return [Check("comfyui", bool(report.get("ok")), str(report.get("summary", report)), report)]
@@ -498,7 +504,10 @@ class ComfyUIEngine:
     def decode(self, sampled: Payload, params: StageParameters) -> Payload:
         image = self._call(NodeCall("VAEDecode", {"samples": Ref("samples"), "vae": Ref("vae")}),
                            samples=mapping.check_latent(sampled), vae=self._vae())
-        return {"image": mapping.saved_pixels(image)}
+        decoded = {"image": mapping.saved_pixels(image)}
+        if params.bit_depth != 8:
+            decoded["image16"] = mapping.saved_pixels16(image)
+        return decoded
 
 
 def _resume_state(resume: SampleResume, steps_total: int, shape: torch.Size) -> Optional[torch.Tensor]:

@@ -227,6 +227,13 @@ def saved_pixels(image: Any) -> Any:
     return np.clip(255.0 * from_comfy_image(image).numpy(), 0, 255).astype(np.uint8)
 
 
+def saved_pixels16(image: Any) -> Any:
+    """ComfyUI IMAGE -> uint16 ``[H, W, 3]``: the float pixels rounded to 16 bits (SaveImage
+    has no 16-bit mode; this keeps what the VAE's float output carries beyond 8 bits)."""
+    import numpy as np
+    return np.clip(np.rint(65535.0 * from_comfy_image(image).double().numpy()), 0, 65535).astype(np.uint16)
+
+
 def from_comfy_image(image: Any) -> Any:
     """ComfyUI IMAGE ``[1, H, W, 3]`` (or ``[H, W, 3]``) -> ``float32 [H, W, 3]`` on the CPU."""
     import torch

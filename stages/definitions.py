@@ -123,7 +123,8 @@ STAGES: tuple[Stage, ...] = (
           ("width", "height", "shift", "cfg_norm_strength", "steps", "cfg", "sampler", "scheduler",
            "denoise", "lora", "lora_strength"), _seed_value, _sample, steps=lambda params: params.steps),
     # Version 2: the engine's own 8-bit conversion (ComfyUI's SaveImage truncates, diffusers rounds).
-    Stage("decode", ("sample",), ("vae",), (), _nothing, _decode, final=True, version=2),
+    # bit_depth: 16-bit pixels are handed over beside the 8-bit ones ("image16").
+    Stage("decode", ("sample",), ("vae",), ("bit_depth",), _nothing, _decode, final=True, version=2),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 BY_NAME = {stage.name: stage for stage in STAGES}

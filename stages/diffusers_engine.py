@@ -229,21 +229,28 @@ class DiffusersEngine:
 
     def hints(self) -> dict[str, int]:
         """Image areas for the VAE and the vision tower (``qie_engine.json`` in the model folder)."""
-        hints = {"vae_image_area": DEFAULT_VAE_IMAGE_AREA,
-                 "condition_image_area": DEFAULT_CONDITION_IMAGE_AREA}
-        path = self.model_root() / ENGINE_HINTS_FILE
-        if path.is_file():
+        return read_hints(self.model_root())
+
+    @classmethod
+    def max_aspect_ratio(cls, settings: Settings) -> tuple[float, str]:
+        """The most elongated image the pipeline takes, and why: each image is resized to the
+        VAE's and the vision tower's areas in multiples of 32 pixels (``calculate_dimensions``),
+        and a short side under 16 pixels rounds to 0; Qwen2.5-VL's processor refuses more than 200:1."""
+        root = settings.effective_model_path
+        if settings.model_path is None and not (root / ENGINE_HINTS_FILE).is_file():
+            from stages.tiny_model import ENGINE_HINTS
+            hints = dict(ENGINE_HINTS)
+        else:
             try:
-                given = json.loads(path.read_text())
-            except (OSError, ValueError) as exc:
-                raise PermanentError(f"{path}: unreadable engine hints ({exc})") from exc
-            for key in hints:
-                if key in given:
-                    value = given[key]
-                    if not isinstance(value, int) or value < 256:
-                        raise PermanentError(f"{path}: {key} must be an integer >= 256")
-                    hints[key] = value
-        return hints
+                hints = read_hints(root)
+            except PermanentError:
+                return 200.0, "Qwen2.5-VL's image processor takes at most 200:1"
+        area = min(hints["vae_image_area"], hints["condition_image_area"])
+        limit = area / 256
+        if limit < 200:
+            return limit, (f"the model's smallest image area ({area} pixels) leaves a short side under "
+                           f"16 pixels beyond {limit:g}:1")
+        return 200.0, "Qwen2.5-VL's image processor takes at most 200:1"
 
     # Loading (every model goes through the cache) ------------------------------------------------
 
@@ -566,7 +573,30 @@ class DiffusersEngine:
             # What ``QwenImageEditPlusPipeline(...).images`` gives: postprocessed to NumPy floats,
             # then the image processor's own 8-bit conversion.
             array = pipe.image_processor.postprocess(image, output_type="np")
-        return {"image": np.asarray(pipe.image_processor.numpy_to_pil(array)[0].convert("RGB"), dtype=np.uint8)}
+        decoded = {"image": np.asarray(pipe.image_processor.numpy_to_pil(array)[0].convert("RGB"), dtype=np.uint8)}
+        if params.bit_depth != 8:  # the float output carries more than 8 bits
+            decoded["image16"] = np.clip(np.rint(np.asarray(array[0], dtype=np.float64) * 65535.0), 0,
+                                         65535).astype(np.uint16)
+        return decoded
+
+
+def read_hints(root: Path) -> dict[str, int]:
+    """Image areas for the VAE and the vision tower: ``qie_engine.json`` in ``root`` over the defaults."""
+    hints = {"vae_image_area": DEFAULT_VAE_IMAGE_AREA,
+             "condition_image_area": DEFAULT_CONDITION_IMAGE_AREA}
+    path = root / ENGINE_HINTS_FILE
+    if path.is_file():
+        try:
+            given = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise PermanentError(f"{path}: unreadable engine hints ({exc})") from exc
+        for key in hints:
+            if key in given:
+                value = given[key]
+                if not isinstance(value, int) or value < 256:
+                    raise PermanentError(f"{path}: {key} must be an integer >= 256")
+                hints[key] = value
+    return hints
 
 
 def _file_bits(weights: list[Path]) -> int:

@@ -10,9 +10,9 @@ Payload shapes every engine agrees on:
 
 - ``prepare`` output: ``{"images": [uint8 ndarray[H, W, 3], ...]}``: image1 already scaled to the
   job's megapixels, image2/image3 as loaded. Made by ``stages.prepare`` for every engine.
-- ``decode`` output: ``{"image": uint8 ndarray[H, W, 3]}`` (``uint16`` when the job asks for 16-bit
-  output): exactly the pixels the engine's own library would save, so each engine publishes
-  its library's pixels.
+- ``decode`` output: ``{"image": uint8 ndarray[H, W, 3]}``: exactly the pixels the engine's own
+  library would save, so each engine publishes its library's pixels; with ``bit_depth`` other
+  than 8 also ``"image16": uint16 ndarray[H, W, 3]``, the decoder's float output rounded to 16 bits.
 
 What ``encode_latent``, ``encode_text`` and ``sample`` produce is the engine's own business
 (a ComfyUI CONDITIONING is not a diffusers ``prompt_embeds``); the engine's name and version
@@ -102,6 +102,11 @@ class Engine(Protocol):
         """Where the engine computes, e.g. ``cpu`` or ``cuda:0 (NVIDIA H100)``."""
 
     @classmethod
+    def max_aspect_ratio(cls, settings: Settings) -> tuple[float, str]:
+        """The most elongated image (long side / short side) the engine's pipeline takes, and
+        why; ingest refuses longer ones naming this limit. Never loads a model."""
+
+    @classmethod
     def diagnose(cls, settings: Settings) -> list[Check]:
         """What ``doctor`` shows for this engine (library importable, model files found...),
         without loading a model; never raises."""
@@ -124,7 +129,8 @@ class Engine(Protocol):
         """
 
     def decode(self, sampled: Payload, params: StageParameters) -> Payload:
-        """Stage ``decode``: ``{"image": uint8 ndarray[H, W, 3]}``, the library's own pixels."""
+        """Stage ``decode``: ``{"image": uint8 ndarray[H, W, 3]}``, the library's own pixels (and
+        ``"image16"``, uint16, when ``params.bit_depth`` is not 8)."""
 
 
 def engine_class(name: str) -> type:

@@ -81,6 +81,10 @@ class FakeEngine:
         return {role: self.options.model_bytes(role) for role in ROLES}
 
     @classmethod
+    def max_aspect_ratio(cls, settings: Settings) -> tuple[float, str]:
+        return float("inf"), "the fake engine takes any shape"
+
+    @classmethod
     def diagnose(cls, settings: Settings) -> list[Check]:
         return [Check("engine", True, "the fake engine (tests and benchmarks): no model, outputs are the inputs")]
 
@@ -141,8 +145,11 @@ class FakeEngine:
     def decode(self, sampled: Payload, params: StageParameters) -> Payload:
         self._model("vae")
         self._busy(self.options.unit_seconds)
-        pixels = (np.asarray(sampled["x"], dtype=np.float32) + np.float32(1.0)) * np.float32(127.5)
-        return {"image": np.clip(np.rint(pixels), 0, 255).astype(np.uint8)}
+        unit = (np.asarray(sampled["x"], dtype=np.float32) + np.float32(1.0)) * np.float32(0.5)
+        decoded = {"image": np.clip(np.rint(unit * np.float32(255.0)), 0, 255).astype(np.uint8)}
+        if params.bit_depth != 8:
+            decoded["image16"] = sixteen_bits(unit)
+        return decoded
 
 
 def output_image(prepared: Payload, params: StageParameters) -> np.ndarray:
@@ -156,6 +163,11 @@ def output_image(prepared: Payload, params: StageParameters) -> np.ndarray:
         cols = (np.arange(params.width) * image.shape[1] // params.width).clip(0, image.shape[1] - 1)
         image = image[rows][:, cols]
     return image
+
+
+def sixteen_bits(unit: np.ndarray) -> np.ndarray:
+    """Pixels in 0..1 as uint16 (rounded)."""
+    return np.clip(np.rint(np.asarray(unit, dtype=np.float64) * 65535.0), 0, 65535).astype(np.uint16)
 
 
 def _embedding(text: str) -> np.ndarray:

@@ -154,6 +154,14 @@ def test_prepared_images_become_comfy_images_like_load_image():
         m.from_comfy_image(torch.zeros(2, 5, 7, 3))
 
 
+def test_decoded_images_keep_16_bits_beside_save_images_8():
+    image = torch.tensor([[[[0.0, 0.5, 1.0], [0.2, 0.70001, 1.2]]]])  # [1, 1, 2, 3], one value out of range
+    eight, sixteen = m.saved_pixels(image), m.saved_pixels16(image)
+    assert eight.dtype.name == "uint8" and sixteen.dtype.name == "uint16" and sixteen.shape == (1, 2, 3)
+    assert sixteen.tolist() == [[[0, 32768, 65535], [13107, 45875, 65535]]]
+    assert eight.tolist() == [[[0, 127, 255], [51, 178, 255]]]  # SaveImage truncates
+
+
 def comfy_values(seed: int = 0) -> dict:
     """Payloads shaped like ComfyUI's: a LATENT, CONDITIONINGs with and without attention mask."""
     g = torch.Generator().manual_seed(seed)
