@@ -301,6 +301,8 @@ class Daemon:
                 self.notifier.watchdog()
                 if (self.once and not busy and inbox_looked_at is not None
                         and inbox_looked_at == self._inbox_looked_at() and not self._work_left()):
+                    log.info("nothing left to do (the inbox looked at %d times; %d drops not ready)",
+                             inbox_looked_at, len(self.ingestor.waiting) if self.ingestor is not None else 0)
                     break
                 if not busy:
                     self._idle_status()

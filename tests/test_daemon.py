@@ -56,6 +56,7 @@ def test_the_same_job_run_twice_gives_byte_identical_images(tmp_path, tiny_model
         run_folders.drop("same", tiny_job(seed=3, cfg=2.5, negative_prompt="blurry"))
         result = run_folders.run("serve", "--once")
         assert result.returncode == 0, result.stderr
+        assert (run_folders.outbox / "same.png").exists(), result.stderr
         images.append((run_folders.outbox / "same.png").read_bytes())
     assert images[0] == images[1]
 
