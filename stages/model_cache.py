@@ -62,12 +62,16 @@ class ModelCache:
         self._sizes: dict[str, int] = {}  # role -> size when last loaded
         self.stats = CacheStats()
 
-    def get(self, key: Hashable, load: Callable[[], Any], role: str) -> Any:
-        """The model for ``key``, loading it with ``load()`` when absent. ``role`` names it in counts."""
+    def get(self, key: Hashable, load: Callable[[], Any], role: str, expected_bytes: Optional[int] = None) -> Any:
+        """The model for ``key``, loading it with ``load()`` when absent. ``role`` names it in counts.
+        ``expected_bytes``: an estimate of its size, to evict for before loading it (a device
+        cannot hold the old and the new model at once)."""
         with self._lock:
             if key in self._entries:
                 self._entries.move_to_end(key)
                 return self._entries[key][0]
+            if expected_bytes is not None:
+                self._make_room(expected_bytes)
             if self._on_load is not None:
                 self._on_load(role)
             started = time.perf_counter()
