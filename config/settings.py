@@ -86,6 +86,12 @@ class Settings(BaseSettings):
     model_memory_budget: Optional[int] = Field(None, gt=0, description="Bytes of loaded models kept in the cache; the least recently used are evicted. Unset: 90% of the GPU's memory on CUDA, of RAM on the CPU.")
     model_load_delay: float = Field(0.0, ge=0, description="Seconds added to every model load (benchmarks: imitate real model load times).")
 
+    # Memory profiles (diffusers engine, stages/memory_profiles.py)
+    memory_profile: Literal["auto", "full", "fp8", "fp8-offload-text", "fp8-offload", "offload", "gguf", "torchao"] = Field("auto", description="How the diffusers engine holds its models on the device (docs/performance.md). `full`: all in the compute dtype; `fp8`: diffusion model and text encoder stored as float8, computing in the compute dtype; `fp8-offload-text`: the same, the text encoder group-offloaded, VAE tiling (24 GB cards); `fp8-offload`: both offloaded (16 GB and smaller); `offload`: both offloaded in the compute dtype (results as `full`); `gguf`: the diffusion model from `gguf_file`; `torchao`: the diffusion model quantized by torchao; `auto`: `gguf` when `gguf_file` is set, else the first of full, fp8, fp8-offload-text, fp8-offload that fits the free GPU memory (`doctor` says which and why). Profiles that change the numbers are part of the checkpoint fingerprints.")
+    gguf_file: Optional[Path] = Field(None, description="A GGUF file of the diffusion model (e.g. Qwen-Image-Edit-2509-Q4_K_M.gguf) for `memory_profile = \"gguf\"`; its configuration is read from `<model_path>/transformer`.")
+    torchao_quantization: Literal["int8-weight", "int8-dynamic", "float8-weight", "float8-dynamic"] = Field("int8-weight", description="torchao quantization of the diffusion model for `memory_profile = \"torchao\"` (float8 needs a GPU that computes in float8).")
+    vae_tiling: Optional[bool] = Field(None, description="The VAE encodes and decodes in tiles (less memory on large images, slightly different pixels). Unset: as the memory profile says.")
+
     # Queue
     scheduling: Literal["auto", "stage-major", "job-by-job"] = Field("auto", description="`auto`: jobs in order when every model the queued work needs fits `model_memory_budget` together, else grouped by model in windows of `batch_window` jobs; `stage-major`: run a stage for every ready job while its models are loaded (fewest loads, latest first result); `job-by-job`: finish one job before the next.")
     batch_window: int = Field(6, ge=1, le=1000, description="With `scheduling = \"auto\"` when the models do not fit together: how many jobs share each model load. Larger saves loads, smaller gives earlier results; no job waits behind more than one window of others.")
@@ -121,6 +127,8 @@ class Settings(BaseSettings):
     def _check(self) -> "Settings":
         if self.engine == "comfyui" and self.comfyui_path is None:
             raise ValueError("engine 'comfyui' needs comfyui_path (QIE_COMFYUI_PATH)")
+        if self.memory_profile == "gguf" and self.gguf_file is None:
+            raise ValueError("memory_profile 'gguf' needs gguf_file (QIE_GGUF_FILE)")
         return self
 
     @classmethod
@@ -178,7 +186,7 @@ class Settings(BaseSettings):
 # The settings that are also command-line flags (``--inbox``, ``--model-path``...), in the order
 # ``--help`` lists them; the CLI builds its flags, and ``install-service`` passes them on, from this.
 CLI_FLAGS = ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
-             "comfyui_path", "device", "dtype", "log_level", "log_json")
+             "comfyui_path", "device", "dtype", "memory_profile", "log_level", "log_json")
 
 _CONFIG_FILE: dict[str, Optional[Path]] = {"path": None}
 

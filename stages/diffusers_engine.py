@@ -43,13 +43,17 @@ from PIL import Image
 from config import ReferenceMode, Settings, StageParameters
 from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
+from stages.memory_profiles import GiB, PROFILES, Choice, MemoryProfile, ModelSizes, Storage, choose_profile, device_bytes
 from stages.model_cache import ModelCache
+from stages.placement import (TEXT_ENCODER_BLOCK_MODULES, TORCHAO_CONFIGS, device_footprint, place,
+                              quantize_torchao, set_footprint, store_fp8)
 
 log = logging.getLogger(__name__)
 
 ENGINE_HINTS_FILE = "qie_engine.json"
 DEFAULT_VAE_IMAGE_AREA = 1024 * 1024
 DEFAULT_CONDITION_IMAGE_AREA = 384 * 384
+DEFAULT_VAE_TILE = (256, 192)  # diffusers' AutoencoderKLQwenImage tile size and stride, pixels
 SAMPLERS = ("euler",)
 SCHEDULERS = ("simple", "normal")
 ADAPTER_NAME = "qie_lora"
@@ -121,6 +125,8 @@ class DiffusersEngine:
         self.cache = cache
         self.device = resolve_device(settings.device)
         self.dtype = resolve_dtype(settings.dtype, self.device)
+        self._choice: Optional[Choice] = None
+        self._sizes: Optional[ModelSizes] = None
         # Results differ in the last bits between thread counts: fix it (DESIGN section 3).
         torch.set_num_threads(settings.effective_threads)
 
@@ -145,12 +151,17 @@ class DiffusersEngine:
         root = self.model_root()
         hints = root / ENGINE_HINTS_FILE
         extra = [hints] if hints.is_file() else []
+        profile = self.memory_profile()
         identities = {}
         for role, folders in ROLE_FOLDERS.items():
             paths = [self._component(folder) for folder in folders]
             if role != "transformer":
                 paths += extra  # the image areas shape the vae and text encoder stages
+            elif profile.transformer is Storage.GGUF:  # the weights are the GGUF file's
+                paths = [self._component("transformer") / "config.json", self._component("scheduler")]
             identities[role] = files_identity(f"{root.name}/{'+'.join(folders)}", paths)
+            # A profile that changes the numbers is part of the identity; offloading is not.
+            identities[role] += self._storage_identity(role, profile)
         lora = self._lora_path(params)
         if lora is not None:
             identities["transformer"] += (f"; lora {files_identity(lora.name, [lora])}"
@@ -169,14 +180,66 @@ class DiffusersEngine:
             loaders[role](params)
 
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
-        """Estimates of each role's size once loaded: its weight files, scaled to the compute dtype."""
-        root = self.model_root()
-        estimates = {}
-        for role, folder in (("vae", "vae"), ("text_encoder", "text_encoder"), ("transformer", "transformer")):
-            weights = list((root / folder).glob("*.safetensors")) if (root / folder).is_dir() else []
-            size = sum(path.stat().st_size for path in weights)
-            estimates[role] = int(size * torch.finfo(self.dtype).bits / _file_bits(weights))
-        return estimates
+        """Estimates of what each role holds on the device once loaded under the memory profile:
+        its weight files scaled to the stored dtype, an offloaded model's window."""
+        profile = self.memory_profile()
+        sizes = self.model_sizes()
+        return {role: device_bytes(profile, role, sizes) for role in ROLE_FOLDERS}
+
+    def model_sizes(self) -> ModelSizes:
+        if self._sizes is None:
+            self._sizes = model_sizes(self.settings, self.model_root(), self.dtype)
+        return self._sizes
+
+    # Memory profile ----------------------------------------------------------------------------
+
+    def memory_profile(self) -> MemoryProfile:
+        return self.profile_choice().profile
+
+    def profile_choice(self) -> Choice:
+        """The memory profile in force, chosen once, before any model is loaded (``auto`` looks
+        at the free device memory then)."""
+        if self._choice is None:
+            self._choice = profile_choice(self.settings, self.device, self.model_sizes())
+            log.info("memory profile %s: %s", self._choice.profile.name, self._choice.reason)
+        return self._choice
+
+    def _storage_identity(self, role: str, profile: MemoryProfile) -> str:
+        """What the profile does to ``role``'s numbers, for its identity ('' when nothing)."""
+        if role == "vae":
+            if not profile.tiles(self.settings.vae_tiling):
+                return ""
+            hints = self.hints()
+            return f"; vae_tiling={hints['vae_tile_size']}/{hints['vae_tile_stride']}"
+        storage = profile.storage(role)
+        if storage is Storage.FP8:
+            return "; storage=float8_e4m3fn"
+        if storage is Storage.TORCHAO:
+            return f"; storage=torchao {self.settings.torchao_quantization} {_version('torchao')}"
+        if storage is Storage.GGUF:
+            path = self._gguf_file()
+            return f"; storage=gguf {files_identity(path.name, [path])} {_version('gguf')}"
+        return ""
+
+    def _gguf_file(self) -> Path:
+        path = self.settings.gguf_file
+        if path is None:
+            raise PermanentError("memory_profile 'gguf' needs gguf_file (QIE_GGUF_FILE)")
+        if not path.is_file():
+            raise ModelNotFoundError(f"GGUF file not found: {path}")
+        return path
+
+    def _arrange(self, role: str, model: torch.nn.Module, block_modules: tuple[str, ...] = ()) -> int:
+        """Store and place a loaded model as the profile says; the bytes it then holds on the device."""
+        profile = self.memory_profile()
+        storage = profile.storage(role)
+        offload = role in profile.offloaded
+        if storage is Storage.FP8:
+            store_fp8(model, self.dtype)
+        elif storage is Storage.TORCHAO:
+            quantize_torchao(model, self.settings.torchao_quantization, None if offload else self.device)
+        place(model, self.device, offload, block_modules)
+        return device_footprint(model, offload, block_modules)
 
     @classmethod
     def diagnose(cls, settings: Settings) -> list[Check]:
@@ -187,6 +250,7 @@ class DiffusersEngine:
         except ImportError as exc:
             checks.append(Check("diffusers", False, f"not importable: {exc} (pip install 'qie-hotfolder[diffusers]')"))
         path = settings.effective_model_path
+        checks += _profile_checks(settings, path)
         if settings.model_path is None:
             checks.append(Check("model", True, f"built-in tiny random model at {path} (outputs are noise; built on "
                                                "first use)"))
@@ -255,7 +319,13 @@ class DiffusersEngine:
     # Loading (every model goes through the cache) ------------------------------------------------
 
     def _key(self, role: str, params: StageParameters) -> tuple:
-        return ("diffusers", role, self.model_identities(params)[role], str(self.device), str(self.dtype))
+        return ("diffusers", role, self.model_identities(params)[role], str(self.device), str(self.dtype),
+                self.memory_profile().name)
+
+    def _get(self, role: str, params: StageParameters, load: Callable[[], Any]) -> Any:
+        """``role``'s model from the cache, which makes room for it before loading."""
+        return self.cache.get(self._key(role, params), load, role,
+                              expected_bytes=self.model_bytes(params)[role])
 
     def _vae(self, params: StageParameters):
         path = self._component("vae")
@@ -265,9 +335,15 @@ class DiffusersEngine:
             with _model_files(path):
                 model = AutoencoderKLQwenImage.from_pretrained(path, torch_dtype=self.dtype,
                                                                local_files_only=True)
-            return model.to(self.device).eval()
+            model = model.to(self.device).eval()
+            if self.memory_profile().tiles(self.settings.vae_tiling):
+                hints = self.hints()
+                size, stride = hints["vae_tile_size"], hints["vae_tile_stride"]
+                model.enable_tiling(tile_sample_min_height=size, tile_sample_min_width=size,
+                                    tile_sample_stride_height=stride, tile_sample_stride_width=stride)
+            return model
 
-        return self.cache.get(self._key("vae", params), load, "vae")
+        return self._get("vae", params, load)
 
     def _text_encoder(self, params: StageParameters) -> _TextEncoderBundle:
         paths = {name: self._component(name) for name in ROLE_FOLDERS["text_encoder"]}
@@ -282,9 +358,12 @@ class DiffusersEngine:
                 tokenizer = Qwen2Tokenizer.from_pretrained(paths["tokenizer"], local_files_only=True)
             with _model_files(paths["processor"]):
                 processor = Qwen2VLProcessor.from_pretrained(paths["processor"], local_files_only=True)
-            return _TextEncoderBundle(model.to(self.device).eval(), tokenizer, processor)
+            footprint = self._arrange("text_encoder", model.eval(), TEXT_ENCODER_BLOCK_MODULES)
+            bundle = _TextEncoderBundle(model, tokenizer, processor)
+            set_footprint(bundle, footprint)
+            return bundle
 
-        return self.cache.get(self._key("text_encoder", params), load, "text_encoder")
+        return self._get("text_encoder", params, load)
 
     def _transformer(self, params: StageParameters):
         path = self._component("transformer")
@@ -292,16 +371,34 @@ class DiffusersEngine:
         strength = float(params.lora_strength)
 
         def load():
-            from diffusers import QwenImageTransformer2DModel
-            with _model_files(path):
-                model = QwenImageTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype,
-                                                                    local_files_only=True)
-            model = model.to(self.device).eval()
-            if lora is not None:
-                apply_lora(model, lora, strength)
+            model = self._load_transformer(path).eval()
+            if lora is not None:  # fused in the compute dtype, before float8 storage or torchao
+                apply_lora(model, lora, strength, self.dtype,
+                           fuse=self.memory_profile().transformer is not Storage.GGUF)
+            set_footprint(model, self._arrange("transformer", model))
             return model
 
-        return self.cache.get(self._key("transformer", params), load, "transformer")
+        return self._get("transformer", params, load)
+
+    def _load_transformer(self, path: Path) -> torch.nn.Module:
+        """The diffusion model in host memory: from the model folder in the compute dtype, or
+        from the GGUF file (quantized weights, dequantized to the compute dtype per layer)."""
+        from diffusers import QwenImageTransformer2DModel
+        if self.memory_profile().transformer is not Storage.GGUF:
+            with _model_files(path):
+                return QwenImageTransformer2DModel.from_pretrained(path, torch_dtype=self.dtype,
+                                                                   local_files_only=True)
+        from diffusers import GGUFQuantizationConfig
+        gguf = self._gguf_file()
+        state = gguf_state_dict(gguf)
+        try:
+            return QwenImageTransformer2DModel.from_single_file(
+                state, quantization_config=GGUFQuantizationConfig(compute_dtype=self.dtype),
+                config=str(self.model_root()), subfolder="transformer", torch_dtype=self.dtype,
+                local_files_only=True)
+        except (ValueError, KeyError, RuntimeError) as exc:
+            raise PermanentError(f"GGUF file {gguf} does not fit the diffusion model in "
+                                 f"{path} ({_first_line(exc)})") from exc
 
     def scheduler_config(self) -> dict:
         from diffusers import FlowMatchEulerDiscreteScheduler
@@ -581,9 +678,12 @@ class DiffusersEngine:
 
 
 def read_hints(root: Path) -> dict[str, int]:
-    """Image areas for the VAE and the vision tower: ``qie_engine.json`` in ``root`` over the defaults."""
+    """Image areas for the VAE and the vision tower, and the VAE's tile size and stride in pixels
+    when it tiles: ``qie_engine.json`` in ``root`` over the defaults."""
     hints = {"vae_image_area": DEFAULT_VAE_IMAGE_AREA,
-             "condition_image_area": DEFAULT_CONDITION_IMAGE_AREA}
+             "condition_image_area": DEFAULT_CONDITION_IMAGE_AREA,
+             "vae_tile_size": DEFAULT_VAE_TILE[0], "vae_tile_stride": DEFAULT_VAE_TILE[1]}
+    smallest = {"vae_image_area": 256, "condition_image_area": 256, "vae_tile_size": 16, "vae_tile_stride": 8}
     path = root / ENGINE_HINTS_FILE
     if path.is_file():
         try:
@@ -593,10 +693,109 @@ def read_hints(root: Path) -> dict[str, int]:
         for key in hints:
             if key in given:
                 value = given[key]
-                if not isinstance(value, int) or value < 256:
-                    raise PermanentError(f"{path}: {key} must be an integer >= 256")
+                if not isinstance(value, int) or value < smallest[key]:
+                    raise PermanentError(f"{path}: {key} must be an integer >= {smallest[key]}")
                 hints[key] = value
+    if hints["vae_tile_size"] % 8 or hints["vae_tile_stride"] % 8 or hints["vae_tile_stride"] > hints["vae_tile_size"]:
+        raise PermanentError(f"{path}: vae_tile_size and vae_tile_stride must be multiples of 8, "
+                             f"the stride at most the size")
     return hints
+
+
+def model_sizes(settings: Settings, root: Optional[Path], dtype: torch.dtype) -> ModelSizes:
+    """Each role's weights in ``dtype`` (their safetensors files scaled from the files' dtype),
+    the GGUF file's size and torchao's bits per weight, without loading anything."""
+    bits = torch.finfo(dtype).bits
+    sizes = {}
+    for role in ROLE_FOLDERS:
+        folder = root / role if root is not None else None
+        weights = sorted(folder.glob("*.safetensors")) if folder is not None and folder.is_dir() else []
+        sizes[role] = int(sum(path.stat().st_size for path in weights) * bits / _file_bits(weights))
+    gguf = settings.gguf_file
+    return ModelSizes(**sizes, compute_bits=bits,
+                      gguf=gguf.stat().st_size if gguf is not None and gguf.is_file() else None,
+                      torchao_bits=TORCHAO_CONFIGS[settings.torchao_quantization][1])
+
+
+def profile_choice(settings: Settings, device: torch.device, sizes: ModelSizes) -> Choice:
+    """The configured memory profile, or for ``auto`` the one that fits the free device memory
+    now (stages/memory_profiles.py decides)."""
+    from stages.memory_profiles import peak_estimate
+    name = settings.memory_profile
+    if name != "auto":
+        profile = PROFILES[name]
+        return Choice(profile, "set by memory_profile", peak_estimate(profile, sizes))
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    return choose_profile(device.type, free, sizes, settings.gguf_file is not None, _host_available())
+
+
+def _profile_checks(settings: Settings, root: Path) -> list[Check]:
+    """doctor: the memory profile in force and why, and the files and libraries it needs."""
+    try:
+        device = resolve_device(settings.device)
+        sizes = model_sizes(settings, root if root.is_dir() else None, resolve_dtype(settings.dtype, device))
+        choice = profile_choice(settings, device, sizes)
+    except (PermanentError, OSError, RuntimeError) as exc:
+        return [Check("memory profile", False, f"cannot choose: {exc}")]
+    profile = choice.profile
+    checks = [Check("memory profile", True,
+                    f"{profile.name}: {choice.reason}; {profile.summary}; estimated peak "
+                    f"{choice.peak / GiB:.1f} GiB",
+                    data={"profile": profile.name, "reason": choice.reason, "estimated_peak_bytes": choice.peak,
+                          "model_bytes": {role: sizes.of(role) for role in ROLE_FOLDERS}})]
+    if profile.transformer is Storage.GGUF:
+        gguf = settings.gguf_file
+        checks.append(Check("gguf file", gguf is not None and gguf.is_file(), str(gguf or "gguf_file is not set")))
+    for storage, module in ((Storage.GGUF, "gguf"), (Storage.TORCHAO, "torchao")):
+        if profile.transformer is storage:
+            version = _version(module)
+            checks.append(Check(module, version != "missing",
+                                f"{module} {version}" if version != "missing" else
+                                f"not importable (pip install 'qie-hotfolder[{module}]')"))
+    return checks
+
+
+def gguf_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A GGUF file's tensors (diffusers' reader), with ComfyUI's ``model.diffusion_model.`` /
+    ``diffusion_model.`` key prefixes removed."""
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint
+    try:
+        state = load_gguf_checkpoint(str(path))
+    except (ValueError, OSError, KeyError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise PermanentError(f"GGUF file {path} is not readable ({_first_line(exc)})") from exc
+    renamed = {}
+    for key, value in state.items():
+        for prefix in _PREFIXES:
+            if key.startswith(prefix):
+                key = key[len(prefix):]
+                break
+        renamed[key] = value
+    return renamed
+
+
+def _version(module: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version(module)
+    except PackageNotFoundError:
+        return "missing"
+
+
+def _host_available() -> Optional[int]:
+    """Host memory available now (``MemAvailable``), None where /proc/meminfo is missing."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
 
 def _file_bits(weights: list[Path]) -> int:
@@ -678,14 +877,15 @@ def lora_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return renamed
 
 
-def apply_lora(transformer: torch.nn.Module, path: Path, strength: float) -> None:
-    """Load a LoRA into the transformer with peft, check that it really landed, fuse it at ``strength``.
+def apply_lora(transformer: torch.nn.Module, path: Path, strength: float, dtype: torch.dtype,
+               fuse: bool = True) -> None:
+    """Load a LoRA into the transformer with peft, check that it really landed, fuse it at ``strength``
+    (or, on quantized weights that cannot take it, keep it beside them at ``strength``).
 
     diffusers' ``load_lora_weights`` silently skips keys without the ``transformer.`` prefix
     (DESIGN section 8), so this uses ``load_lora_adapter(prefix=None)`` and then compares every
     module's adapter weights with the file's: a LoRA that matches nothing is an error.
     """
-    dtype = next(transformer.parameters()).dtype
     state = {k: v.to(dtype) for k, v in lora_state_dict(path).items()}
     modules = sorted({k[: -len(".lora_A.weight")] for k in state if k.endswith(".lora_A.weight")})
     if not modules:
@@ -712,6 +912,9 @@ def apply_lora(transformer: torch.nn.Module, path: Path, strength: float) -> Non
     if missing:
         log.warning("LoRA %s: %d of %d layers not applied (first: %s)", path.name, len(missing),
                     len(modules), missing[0])
-    # Merge into the weights, as ComfyUI's LoraLoaderModelOnly patches them: W + strength * B A.
-    transformer.fuse_lora(lora_scale=strength, adapter_names=[ADAPTER_NAME])
+    if fuse:
+        # Merge into the weights, as ComfyUI's LoraLoaderModelOnly patches them: W + strength * B A.
+        transformer.fuse_lora(lora_scale=strength, adapter_names=[ADAPTER_NAME])
+    else:
+        transformer.set_adapters([ADAPTER_NAME], weights=[strength])
     log.info("LoRA %s applied to %d layers at strength %s", path.name, matched, strength)

@@ -77,14 +77,16 @@ class ModelCache:
             self._local.prefetch = False
             self._local.estimates = {}
 
-    def get(self, key: Hashable, load: Callable[[], Any], role: str, prefetch: bool = False) -> Any:
+    def get(self, key: Hashable, load: Callable[[], Any], role: str, prefetch: bool = False,
+            expected_bytes: Optional[int] = None) -> Any:
         """The model for ``key``, loading it with ``load()`` when absent. ``role`` names it in counts.
 
         A load happens outside the cache's lock (another thread may use a loaded model
         meanwhile); a second request for the same key waits for the first load. Room is made
         before loading when the role's size is known from an earlier load, so the device never
-        holds the old and the new model at once. ``prefetch``: loaded ahead of its use, only if
-        it fits beside what is loaded (nothing is evicted for it; None when it does not fit)."""
+        holds the old and the new model at once; ``expected_bytes``, an estimate, stands in for a
+        size not known yet. ``prefetch``: loaded ahead of its use, only if it fits beside what is
+        loaded (nothing is evicted for it; None when it does not fit)."""
         prefetch = prefetch or getattr(self._local, "prefetch", False)
         while True:
             with self._lock:
@@ -93,7 +95,8 @@ class ModelCache:
                     return self._entries[key][0]
                 pending = self._loading.get(key)
                 if pending is None:
-                    expected = self._sizes.get(role, getattr(self._local, "estimates", {}).get(role, 0))
+                    estimate = expected_bytes or getattr(self._local, "estimates", {}).get(role, 0)
+                    expected = self._sizes.get(role, estimate)
                     if prefetch and (role not in self._sizes and not expected or not self._fits(expected)):
                         return None
                     if not prefetch:

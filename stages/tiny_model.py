@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 LORA_NAME = "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"
-ENGINE_HINTS = {"vae_image_area": 64 * 64, "condition_image_area": 32 * 32}
+# VAE tiles of 32 pixels (stride 24) so that tiling profiles really tile the tests' 64x64 images.
+ENGINE_HINTS = {"vae_image_area": 64 * 64, "condition_image_area": 32 * 32, "vae_tile_size": 32, "vae_tile_stride": 24}
 
 # Qwen2.5-VL's special tokens, in the order of their real ids (151643...).
 SPECIAL_TOKENS = [
@@ -285,3 +286,33 @@ def _write_lora(path: Path, transformer: torch.nn.Module, seed: int) -> None:
         tensors[f"{name}.lora_B.weight"] = b.to(torch.bfloat16).contiguous()
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def write_gguf(model: Path, path: Path, quant: str = "Q8_0", prefix: str = "") -> Path:
+    """The diffusion model of the diffusers-format ``model`` folder as a GGUF file (the ``gguf``
+    package's writer), its matrices quantized as ``quant`` (Q8_0, Q4_0, ... whatever the package
+    can quantize) where their rows fit the quantization's blocks, the rest as float32; keys get
+    ``prefix`` (ComfyUI's files use ``model.diffusion_model.``)."""
+    import gguf
+    import numpy as np
+    from safetensors.torch import load_file
+
+    qtype = gguf.GGMLQuantizationType[quant]
+    block = gguf.GGML_QUANT_SIZES[qtype][0]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="qwen_image")
+    for file in sorted((model / "transformer").glob("*.safetensors")):
+        for name, tensor in sorted(load_file(str(file)).items()):
+            array = tensor.float().numpy()
+            if array.ndim == 2 and array.shape[-1] % block == 0:
+                data = gguf.quants.quantize(array, qtype)
+                writer.add_tensor(prefix + name, data, raw_shape=data.shape, raw_dtype=qtype)
+            else:
+                writer.add_tensor(prefix + name, array.astype(np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
