@@ -63,6 +63,7 @@ class ModelCache:
         self._sizes: dict[str, int] = {}  # role -> size when last loaded
         self._loading: dict[Hashable, threading.Event] = {}  # keys being loaded, set when done
         self._local = threading.local()
+        self._load_lock = threading.Lock()
         self.stats = CacheStats()
 
     @contextmanager
@@ -124,7 +125,10 @@ class ModelCache:
         if self._on_load is not None:
             self._on_load(role)
         started = time.perf_counter()
-        model = load()
+        # One load at a time, whichever thread asks: loaders are not thread-safe (accelerate's
+        # empty-weights initialisation patches torch's modules for the whole process meanwhile).
+        with self._load_lock:
+            model = load()
         if self.load_delay:
             time.sleep(self.load_delay)
         elapsed = time.perf_counter() - started

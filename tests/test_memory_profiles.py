@@ -247,7 +247,7 @@ def test_every_profile_runs_a_job_through_the_daemon(tiny_model, gguf_file, tmp_
         for i in range(count):
             root = tmp_path / f"{profile}-{i}"
             result = run_batch(root, tiny_model, 1, memory_profile=profile, gguf_file=gguf_file)
-            assert result.published == 1, profile
+            assert result.published == 1, (profile, [p.read_text() for p in (root / "failed").glob("*.json")])
             published.setdefault(profile, []).append((root / "outbox" / "job-0000.png").read_bytes())
 
     assert len({pixels(images[0]).shape for images in published.values()}) == 1
