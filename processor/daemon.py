@@ -36,12 +36,13 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from config import Settings
 from db import Database, jobs, utcnow
-from processor import files, retention
+from processor import files, health, retention
 from processor.ingest import Ingestor
 from processor.ingest_loop import IngestLoop
 from processor.lease import Heartbeat, is_dead
@@ -49,6 +50,7 @@ from processor.logs import job_context, report_progress
 from processor.plan import Planner
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
+from processor.services import Services
 from processor.store import CheckpointStore
 from processor.systemd import Notifier
 from processor.writer import Writer
@@ -157,6 +159,7 @@ class Daemon:
         self._stop_announced = False
         self._stop_lock = threading.Lock()
         self._doing: Optional[str] = None  # the last progress report, None when idle
+        self._loop_at = time.time()  # the compute loop's last sign of life (an idle round, progress, a model load)
         self._housekeeper: Optional[threading.Thread] = None
         self._housekeeper_stop = threading.Event()
         self._next_recovery = 0.0
@@ -165,6 +168,7 @@ class Daemon:
     # Start-up -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.services = Services(self.settings, daemon=self, web=not self.once)  # refuses a web server without its token
         for folder in self.settings.folders().values():
             if folder == self.settings.inbox and not folder.parent.is_dir():
                 raise FileNotFoundError(f"the inbox's parent folder {folder.parent} does not exist")
@@ -191,6 +195,7 @@ class Daemon:
                                      on_ingested=self.work_arrived.set, watch=not self.once)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="qie-housekeeper", daemon=True)
         self._housekeeper.start()
+        self.services.start(self.db)
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
                  self.settings.outbox, self.settings.engine, self.worker,
                  ",".join(sorted(self.stages)) if self.stages is not None else "all",
@@ -323,6 +328,7 @@ class Daemon:
         ping too), and the log or the terminal's progress bar. While draining after a stop, each
         report asks systemd for ``stop_timeout`` more."""
         self._doing = text
+        self._loop_at = time.time()
         if self.stop.is_set():
             self._announce_stop()
             self.notifier.extend_timeout(self.settings.stop_timeout)
@@ -333,11 +339,13 @@ class Daemon:
     def _on_model_load(self, role: str) -> None:
         """A model load reports no progress for minutes: ask systemd for the time first."""
         log.info("loading the %s model", role)
+        self._loop_at = time.time()
         self.heartbeat.beat()
         self.notifier.extend_timeout(self.settings.model_load_timeout, f"loading the {role} model")
 
     def _idle_status(self) -> None:
         self._doing = None
+        self._loop_at = time.time()
         waiting = len(self.ingestor.waiting) if self.ingestor is not None else 0
         self.notifier.status(f"idle: watching {self.settings.inbox}"
                              + (f"; {waiting} job(s) in the inbox not ready yet" if waiting else ""))
@@ -362,7 +370,11 @@ class Daemon:
         status = {"worker": self.worker, "pid": os.getpid(), "updated_at": utcnow().isoformat() + "Z",
                   "doing": self._doing, "scheduling": self.settings.scheduling,
                   "models_loaded": {} if stopped else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
-                  "model_cache": self.cache.stats.as_dict()}
+                  "model_cache": self.cache.stats.as_dict(), "engine": self.settings.engine,
+                  "device": self._engine.device_name() if self._engine is not None else self.settings.device,
+                  "loop_at": datetime.fromtimestamp(self._loop_at, timezone.utc).replace(tzinfo=None).isoformat() + "Z",
+                  "stall_seconds": max(self.settings.model_load_timeout, self.settings.lease_seconds),
+                  "gpu_memory": health.gpu_memory()}
         write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
 
     def _recover_when_due(self, now: float) -> None:
@@ -419,6 +431,8 @@ class Daemon:
             self.notifier.stopping("stopping: nothing left to do")
 
     def shutdown(self) -> None:
+        if getattr(self, "services", None) is not None:
+            self.services.stop()
         if self.intake is not None:
             self.intake.stop()
         self._housekeeper_stop.set()
