@@ -33,6 +33,7 @@ CSRF_COOKIE = "qie_csrf"
 SESSION_COOKIE = "qie_session"
 OPEN_PATHS = ("/login", "/static/")  # reachable without the token
 SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
+MACHINE_PATHS = ("/api/", "/metrics", "/healthz", "/readyz", "/openapi.json", "/static/", "/events")
 
 
 class WebConfigError(ConfigurationError):
@@ -133,7 +134,8 @@ class Guard:
             if not same(cookies.get(SESSION_COOKIE), session_value(self.token)):
                 await self._refuse(scope, send, headers)
                 return
-        state["browser"] = bool(cookies) or "origin" in headers or "sec-fetch-site" in headers
+        state["browser"] = (CSRF_COOKIE in cookies or SESSION_COOKIE in cookies or "origin" in headers
+                            or "sec-fetch-site" in headers)
         if scope["method"] not in SAFE_METHODS and not state["bearer"]:
             problem = _cross_site(headers, scope)
             if problem:
@@ -142,7 +144,7 @@ class Guard:
         csrf = cookies.get(CSRF_COOKIE)
         new_csrf = None if csrf and len(csrf) >= 20 else secrets.token_urlsafe(24)
         state["csrf"] = csrf if new_csrf is None else new_csrf
-        if new_csrf is None:
+        if new_csrf is None or path.startswith(MACHINE_PATHS):  # programs are given no cookie
             await self.app(scope, receive, send)
             return
         secure = scope.get("scheme") == "https"
