@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from config import load_settings
+from db import Database
 from tests.daemon import Folders, make_image, tiny_job
 from web import WebConfigError, create_app, make_token_file, required_token
 
@@ -34,6 +35,15 @@ def png_bytes(size=(32, 32), colour=(10, 200, 30)) -> bytes:
     buffer = io.BytesIO()
     Image.new("RGB", size, colour).save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+def folders_with_preset(root: Path) -> Folders:
+    """Folders with a preset ``winter`` and an empty database."""
+    folders = Folders(root)
+    (folders.inbox / "winter").mkdir()
+    (folders.inbox / "winter" / "preset.json").write_text(json.dumps({"prompt": "make it winter"}))
+    Database(f"sqlite:///{folders.state}").close()
+    return folders
 
 
 def inbox_listing(folders: Folders) -> list[str]:
@@ -192,11 +202,7 @@ def test_retry_and_cancel_go_through_the_same_transitions_as_the_cli(site: Folde
 
 
 def test_uploads_land_in_the_inbox_as_drops(tmp_path: Path):
-    folders = Folders(tmp_path)
-    winter = folders.inbox / "winter"
-    winter.mkdir()
-    (winter / "preset.json").write_text(json.dumps({"prompt": "make it winter"}))
-    assert folders.run("serve", "--once").returncode == 0  # creates the database
+    folders = folders_with_preset(tmp_path)
     app = create_app(settings_of(folders), token=None)
     with TestClient(app, base_url=LOOPBACK) as client:
         preset = client.post("/api/jobs", data={"preset": "winter"},
@@ -236,10 +242,7 @@ def test_uploads_land_in_the_inbox_as_drops(tmp_path: Path):
      400, "invalid JSON"),
 ])
 def test_bad_uploads_get_a_clear_4xx_and_nothing_is_written(tmp_path: Path, data, files, status, reason):
-    folders = Folders(tmp_path)
-    (folders.inbox / "winter").mkdir()
-    (folders.inbox / "winter" / "preset.json").write_text(json.dumps({"prompt": "make it winter"}))
-    assert folders.run("serve", "--once").returncode == 0
+    folders = folders_with_preset(tmp_path)
     before = inbox_listing(folders)
     app = create_app(settings_of(folders), token=None)
     with TestClient(app, base_url=LOOPBACK) as client:
@@ -252,10 +255,7 @@ def test_bad_uploads_get_a_clear_4xx_and_nothing_is_written(tmp_path: Path, data
 
 
 def test_oversized_and_malformed_uploads_are_refused_before_anything_is_written(tmp_path: Path):
-    folders = Folders(tmp_path)
-    (folders.inbox / "winter").mkdir()
-    (folders.inbox / "winter" / "preset.json").write_text(json.dumps({"prompt": "make it winter"}))
-    assert folders.run("serve", "--once").returncode == 0
+    folders = folders_with_preset(tmp_path)
     before = inbox_listing(folders)
     app = create_app(settings_of(folders, max_upload_bytes=10_000), token=None)
     big = png_bytes((600, 600), (1, 2, 3)) + os.urandom(1_200_000)
