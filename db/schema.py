@@ -107,7 +107,8 @@ class Job(Base):
 
     stage_runs: Mapped[list["StageRun"]] = relationship(back_populates="job", order_by="StageRun.id")
 
-    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),)
+    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),
+                      Index("ix_jobs_state_id", "state", "id"))  # a state's jobs, newest first (the web's lists)
 
 
 class StageRun(Base):

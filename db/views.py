@@ -3,7 +3,7 @@
 Every function only reads; none of them is on the compute loop's path. They are written to stay
 fast with a long history: pages select only the columns a table shows, by an index
 (``ix_jobs_claim`` for a state, ``ix_jobs_preset``, the primary key for the order), change feeds
-read by ``ix_jobs_updated_at``, and the metrics' histograms are counted by the database.
+read by ``ix_jobs_updated_at``, and the metrics read only what was added since their last look.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Optional, Sequence
 
-from sqlalchemy import Float, case, cast, func, select
+from sqlalchemy import JSON, func, null, select, type_coerce
 from sqlalchemy.orm import Session
 
 from db.schema import Event, Job, JobState, StageRun
@@ -86,71 +86,48 @@ def recent_stage_samples(session: Session, per_stage: int = 50) -> list[StageSam
     samples = []
     stages = list(session.scalars(select(StageRun.stage).distinct()))
     for stage in stages:
-        stmt = (select(StageRun.duration_s, StageRun.resumed_from_step, Job.spec, Job.steps_total)
+        spec = type_coerce(Job.spec, JSON) if stage == "sample" else null()  # plain JSON: no model to build
+        stmt = (select(StageRun.duration_s, StageRun.resumed_from_step, spec)
                 .join(Job, Job.id == StageRun.job_id)
                 .where(StageRun.stage == stage, StageRun.cache_hit.is_(False), StageRun.error.is_(None),
                        StageRun.duration_s.is_not(None))
                 .order_by(StageRun.id.desc()).limit(per_stage))
-        for duration, resumed, spec, _ in session.execute(stmt):
+        for duration, resumed, document in session.execute(stmt):
             steps = None
-            if stage == "sample" and spec is not None:
-                steps = max(spec.parameters.steps - (resumed or 0), 1)
+            if isinstance(document, dict):
+                steps = max(int((document.get("parameters") or {}).get("steps") or 1) - (resumed or 0), 1)
             samples.append(StageSample(stage, float(duration), steps))
     return samples
 
 
 # Metrics -------------------------------------------------------------------------------------------
 
-@dataclass
-class Histogram:
-    """Cumulative bucket counts (one per upper bound), the count and the sum."""
-
-    buckets: list[int]
-    count: int
-    total: float
-
-
-def _histograms(session: Session, value: Any, bounds: Sequence[float], where: Sequence[Any],
-                group: Optional[Any] = None) -> dict[Any, Histogram]:
-    columns = [func.sum(case((value <= bound, 1), else_=0)) for bound in bounds]
-    stmt = select(*([group] if group is not None else []), func.count(), func.sum(value), *columns).where(*where)
-    if group is not None:
-        stmt = stmt.group_by(group)
-    found = {}
-    for row in session.execute(stmt):
-        values = list(row)
-        key = values.pop(0) if group is not None else None
-        count, total = int(values[0] or 0), float(values[1] or 0.0)
-        found[key] = Histogram([int(v or 0) for v in values[2:]], count, total)
-    return found
+def stage_runs_after(session: Session, after_id: int) -> list[Any]:
+    """Stage runs recorded after ``after_id``: id, stage, cache_hit, duration_s, finished_at (a run's
+    row is written whole when it ends, and never changed)."""
+    stmt = (select(StageRun.id, StageRun.stage, StageRun.cache_hit, StageRun.duration_s, StageRun.finished_at)
+            .where(StageRun.id > after_id).order_by(StageRun.id))
+    return list(session.execute(stmt))
 
 
-def stage_duration_histograms(session: Session, bounds: Sequence[float]) -> dict[str, Histogram]:
-    """Seconds per computed stage run (reuses left out), by stage."""
-    return _histograms(session, StageRun.duration_s, bounds,
-                       [StageRun.cache_hit.is_(False), StageRun.duration_s.is_not(None)], StageRun.stage)
+def jobs_started_after(session: Session, since: Optional[datetime]) -> list[Any]:
+    """created_at and started_at of the jobs that started after ``since`` (all: None). A job's
+    ``started_at`` is set once, when it is first claimed, with its ``updated_at``."""
+    stmt = select(Job.created_at, Job.started_at).where(Job.started_at.is_not(None))
+    if since is not None:
+        stmt = stmt.where(Job.updated_at > since, Job.started_at > since)
+    return list(session.execute(stmt))
 
 
-def _seconds_between(session: Session, start: Any, end: Any) -> Any:
-    if session.get_bind().dialect.name == "postgresql":
-        return func.extract("epoch", end - start)
-    return cast((func.julianday(end) - func.julianday(start)) * 86400.0, Float)
-
-
-def wait_histogram(session: Session, bounds: Sequence[float]) -> Histogram:
-    """Seconds from being queued to starting to run, over every job that started."""
-    wait = _seconds_between(session, Job.created_at, Job.started_at)
-    return _histograms(session, wait, bounds, [Job.started_at.is_not(None)]).get(None, Histogram([0] * len(bounds), 0, 0.0))
+def job_events_after(session: Session, after_id: int, kinds: Sequence[str]) -> list[Any]:
+    """id, kind and time of the job events of these kinds recorded after ``after_id``."""
+    stmt = (select(Event.id, Event.kind, Event.at)
+            .where(Event.id > after_id, Event.kind.in_(list(kinds)), Event.job_id.is_not(None)).order_by(Event.id))
+    return list(session.execute(stmt))
 
 
 def oldest_queued_at(session: Session) -> Optional[datetime]:
     return session.scalar(select(func.min(Job.created_at)).where(Job.state == JobState.QUEUED.value))
-
-
-def stage_run_counts(session: Session) -> dict[tuple[str, bool], int]:
-    """Stage runs by (stage, reused from a checkpoint)."""
-    stmt = select(StageRun.stage, StageRun.cache_hit, func.count()).group_by(StageRun.stage, StageRun.cache_hit)
-    return {(stage, bool(hit)): count for stage, hit, count in session.execute(stmt)}
 
 
 def failed_by_kind(session: Session) -> dict[str, int]:
@@ -158,12 +135,3 @@ def failed_by_kind(session: Session) -> dict[str, int]:
     stmt = (select(Job.error_kind, func.count()).where(Job.state == JobState.FAILED.value)
             .group_by(Job.error_kind))
     return {kind or "unknown": count for kind, count in session.execute(stmt)}
-
-
-def event_counts(session: Session, kinds: Sequence[str]) -> dict[str, int]:
-    """How many events of each kind were ever recorded about jobs."""
-    stmt = (select(Event.kind, func.count()).where(Event.kind.in_(list(kinds)), Event.job_id.is_not(None))
-            .group_by(Event.kind))
-    found = {kind: 0 for kind in kinds}
-    found.update({kind: count for kind, count in session.execute(stmt)})
-    return found

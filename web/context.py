@@ -21,7 +21,7 @@ STATIC = Path(__file__).parent / "static"
 
 
 def make_templates() -> Environment:
-    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True),
+    env = Environment(loader=FileSystemLoader(TEMPLATES), autoescape=select_autoescape(default=True), auto_reload=False,
                       trim_blocks=True, lstrip_blocks=True)
     env.filters["duration"] = duration_words
     env.filters["mb"] = lambda n: f"{(n or 0) / 1e6:,.0f} MB"

@@ -9,7 +9,12 @@ labelled by worker: they restart from zero with it, as Prometheus counters may.
 
 from __future__ import annotations
 
-from typing import Any, Iterator
+import bisect
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Iterator, Optional
 
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
@@ -23,16 +28,87 @@ from web.context import WebContext, context_of
 from web.present import STATES
 
 router = APIRouter()
+EVENT_KINDS = ("failed", "retry", "recovered")
 
 STAGE_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800)
 WAIT_BUCKETS = (1, 5, 15, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 86400)
 
 
-def _histogram(name: str, doc: str, labels: list[str], found: dict[Any, views.Histogram],
-               bounds: tuple) -> HistogramMetricFamily:
+SETTLE = timedelta(seconds=60)  # rows older than this are taken as final (no transaction commits so late)
+
+
+@dataclass
+class Histogram:
+    """Cumulative counts per upper bound, with the count and the sum of what was observed."""
+
+    bounds: tuple
+    buckets: list[int] = field(default_factory=list)
+    count: int = 0
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.buckets = self.buckets or [0] * len(self.bounds)
+
+    def observe(self, value: float) -> None:
+        for index in range(bisect.bisect_left(self.bounds, value), len(self.bounds)):
+            self.buckets[index] += 1
+        self.count += 1
+        self.total += value
+
+    def copy(self) -> "Histogram":
+        return Histogram(self.bounds, list(self.buckets), self.count, self.total)
+
+
+class Tallies:
+    """The histograms and counts of rows that only grow (stage runs, events, jobs' start times),
+    kept between scrapes: rows settled for a minute are added once, the newer ones are read
+    again at each scrape. So a scrape reads what the last minute added, not the whole history."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.run_id = 0
+        self.event_id = 0
+        self.started_until: Optional[datetime] = None
+        self.stages: dict[str, Histogram] = {}
+        self.runs: Counter = Counter()
+        self.events: Counter = Counter()
+        self.wait = Histogram(WAIT_BUCKETS)
+
+    def read(self, session: Any, now: datetime) -> tuple[dict[str, Histogram], Counter, Counter, Histogram]:
+        """The tallies as of now: the settled ones kept, the newer rows added to a copy."""
+        with self.lock:
+            settled = now - SETTLE
+            stages = {stage: h.copy() for stage, h in self.stages.items()}
+            runs, events, wait = Counter(self.runs), Counter(self.events), self.wait.copy()
+            keep = True  # the rows read so far are all settled: the next settled one joins the kept tallies
+            for row in views.stage_runs_after(session, self.run_id):
+                keep = keep and row.finished_at is not None and row.finished_at < settled
+                for kept_stages, kept_runs in ((stages, runs), (self.stages, self.runs))[:2 if keep else 1]:
+                    kept_runs[(row.stage, bool(row.cache_hit))] += 1
+                    if not row.cache_hit and row.duration_s is not None:
+                        kept_stages.setdefault(row.stage, Histogram(STAGE_BUCKETS)).observe(row.duration_s)
+                if keep:
+                    self.run_id = row.id
+            keep = True
+            for row in views.job_events_after(session, self.event_id, EVENT_KINDS):
+                keep = keep and row.at < settled
+                events[row.kind] += 1
+                if keep:
+                    self.events[row.kind] += 1
+                    self.event_id = row.id
+            for created, started in views.jobs_started_after(session, self.started_until):
+                seconds = max((started - created).total_seconds(), 0.0)
+                wait.observe(seconds)
+                if started <= settled:
+                    self.wait.observe(seconds)
+            self.started_until = settled
+            return stages, runs, events, wait
+
+
+def histogram_family(name: str, doc: str, labels: list[str], found: dict[Any, Histogram]) -> HistogramMetricFamily:
     family = HistogramMetricFamily(name, doc, labels=labels)
     for key, histogram in sorted(found.items(), key=lambda item: str(item[0])):
-        buckets = [(str(float(b)), n) for b, n in zip(bounds, histogram.buckets)] + [("+Inf", histogram.count)]
+        buckets = [(str(float(b)), n) for b, n in zip(histogram.bounds, histogram.buckets)] + [("+Inf", histogram.count)]
         family.add_metric([key] if labels else [], buckets, histogram.total)
     return family
 
@@ -40,6 +116,7 @@ def _histogram(name: str, doc: str, labels: list[str], found: dict[Any, views.Hi
 class QueueCollector(Collector):
     def __init__(self, ctx: WebContext):
         self.ctx = ctx
+        self.tallies = Tallies()
 
     def collect(self) -> Iterator[Any]:
         now = utcnow()
@@ -47,11 +124,8 @@ class QueueCollector(Collector):
             by_state = {state: 0 for state in STATES}
             by_state.update(jobs_.counts_by_state(session))
             oldest = views.oldest_queued_at(session)
-            wait = views.wait_histogram(session, WAIT_BUCKETS)
-            stages = views.stage_duration_histograms(session, STAGE_BUCKETS)
-            runs = views.stage_run_counts(session)
+            stages, runs, events, wait = self.tallies.read(session, now)
             failed = views.failed_by_kind(session)
-            events = views.event_counts(session, ("failed", "retry", "recovered"))
             notes = notifications.counts(session)
 
         jobs = GaugeMetricFamily("qie_jobs", "Jobs by state.", labels=["state"])
@@ -62,10 +136,10 @@ class QueueCollector(Collector):
                                 value=by_state.get("queued", 0))
         yield GaugeMetricFamily("qie_oldest_queued_job_age_seconds", "Age of the oldest queued job (0: none).",
                                 value=(now - oldest).total_seconds() if oldest else 0.0)
-        yield _histogram("qie_job_wait_seconds", "Seconds from being queued to starting, per job that started.",
-                         [], {None: wait}, WAIT_BUCKETS)
-        yield _histogram("qie_stage_duration_seconds", "Seconds per computed stage run (reuses left out).",
-                         ["stage"], stages, STAGE_BUCKETS)
+        yield histogram_family("qie_job_wait_seconds", "Seconds from being queued to starting, per job that started.",
+                               [], {None: wait})
+        yield histogram_family("qie_stage_duration_seconds", "Seconds per computed stage run (reuses left out).",
+                               ["stage"], stages)
         computed = CounterMetricFamily("qie_stage_runs", "Stage runs computed.", labels=["stage"])
         reused = CounterMetricFamily("qie_checkpoint_reuse", "Stage results reused from a checkpoint.", labels=["stage"])
         for (stage, hit), count in sorted(runs.items()):

@@ -1,4 +1,4 @@
-"""notifications: the durable outbox of notifications; jobs.updated_at indexed for change feeds
+"""notifications: the durable outbox of notifications; jobs indexed for change feeds and lists
 
 Revision ID: 0003
 Revises: 0002
@@ -39,10 +39,12 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_notifications_job_id'), ['job_id'], unique=False)
     with op.batch_alter_table('jobs', schema=None) as batch_op:
         batch_op.create_index(batch_op.f('ix_jobs_updated_at'), ['updated_at'], unique=False)
+        batch_op.create_index('ix_jobs_state_id', ['state', 'id'], unique=False)
 
 
 def downgrade() -> None:
     with op.batch_alter_table('jobs', schema=None) as batch_op:
+        batch_op.drop_index('ix_jobs_state_id')
         batch_op.drop_index(batch_op.f('ix_jobs_updated_at'))
     with op.batch_alter_table('notifications', schema=None) as batch_op:
         batch_op.drop_index(batch_op.f('ix_notifications_job_id'))
