@@ -17,7 +17,7 @@ from PIL import Image
 from config import load_settings
 from db import Database
 from tests.daemon import Folders, make_image, tiny_job
-from web import WebConfigError, create_app, make_token_file, required_token
+from web import WebConfigError, create_app, required_token
 
 LOOPBACK = "http://127.0.0.1:8765"
 BROKEN_LORA = tiny_job(lora="missing.safetensors")

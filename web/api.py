@@ -7,9 +7,9 @@ the inbox as drops), exactly as the CLI's do; everything else only reads.
 
 from __future__ import annotations
 
-import json
 import math
 from datetime import timedelta
+from pathlib import Path
 from typing import Any, Optional
 
 from fastapi import APIRouter, HTTPException, Query, Request
@@ -136,21 +136,23 @@ def _job_or_404(ctx: WebContext, job_id: int):
     return job
 
 
+def _outbox_file(request: Request, job_id: int, find: Any, what: str) -> Path:
+    ctx = context_of(request)
+    path = find(ctx.settings, _job_or_404(ctx, job_id))
+    if path is None:
+        raise HTTPException(404, f"job {job_id} has no {what} in the outbox")
+    return path
+
+
 @router.get("/api/jobs/{job_id}/output", tags=["files"], summary="The published image")
 def api_output(request: Request, job_id: int) -> FileResponse:
-    ctx = context_of(request)
-    path = output_file(ctx.settings, _job_or_404(ctx, job_id))
-    if path is None:
-        raise HTTPException(404, f"job {job_id} has no output in the outbox")
+    path = _outbox_file(request, job_id, output_file, "output")
     return FileResponse(path, filename=path.name)
 
 
 @router.get("/api/jobs/{job_id}/manifest", tags=["files"], summary="The published manifest (download)")
 def api_manifest(request: Request, job_id: int) -> FileResponse:
-    ctx = context_of(request)
-    path = manifest_file(ctx.settings, _job_or_404(ctx, job_id))
-    if path is None:
-        raise HTTPException(404, f"job {job_id} has no manifest in the outbox")
+    path = _outbox_file(request, job_id, manifest_file, "manifest")
     return FileResponse(path, filename=path.name, media_type="application/json",
                         content_disposition_type="attachment")
 
@@ -276,7 +278,3 @@ def readyz(request: Request) -> JSONResponse:
         ok = False
         checks["database"] = f"not reachable: {type(exc).__name__}"
     return JSONResponse({"ok": ok, "checks": checks}, status_code=200 if ok else 503)
-
-
-def json_dumps(value: Any) -> str:
-    return json.dumps(value, default=str)

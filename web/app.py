@@ -11,7 +11,7 @@ from config import Settings
 from db import Database
 from web import api, metrics, pages, sse
 from web.context import STATIC, WebContext
-from web.security import Guard, is_loopback, parse_listen
+from web.security import Guard, is_loopback, parse_listen, send_body
 
 UPLOAD_OVERHEAD = 1 << 20  # multipart boundaries and fields around the files
 
@@ -63,10 +63,7 @@ class BodyLimit:
 
 async def _too_large(send: Any, limit: int) -> None:
     body = f'{{"detail": "the upload is larger than max_upload_bytes ({limit - UPLOAD_OVERHEAD} bytes)"}}'.encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                            (b"connection", b"close")]})
-    await send({"type": "http.response.body", "body": body})
+    await send_body(send, 413, body, b"application/json", [(b"connection", b"close")])
 
 
 def create_app(settings: Settings, token: Optional[str], db: Optional[Database] = None, daemon: Any = None) -> FastAPI:

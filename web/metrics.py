@@ -24,7 +24,7 @@ from prometheus_client.registry import Collector
 
 from db import jobs as jobs_, notifications, utcnow, views
 from processor.health import daemon_health
-from web.context import WebContext, context_of
+from web.context import WebContext
 from web.present import STATES
 
 router = APIRouter()

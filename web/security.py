@@ -213,8 +213,12 @@ def _cookies(header: str) -> dict[str, str]:
 
 
 async def _plain(send: Any, status: int, text: str, extra: Optional[list] = None) -> None:
-    body = (text + "\n").encode()
+    await send_body(send, status, (text + "\n").encode(), b"text/plain; charset=utf-8", extra)
+
+
+async def send_body(send: Any, status: int, body: bytes, content_type: bytes, extra: Optional[list] = None) -> None:
+    """A whole response from ASGI middleware."""
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"text/plain; charset=utf-8"),
-                            (b"content-length", str(len(body)).encode()), *(extra or [])]})
+                "headers": [(b"content-type", content_type), (b"content-length", str(len(body)).encode()),
+                            *(extra or [])]})
     await send({"type": "http.response.body", "body": body})

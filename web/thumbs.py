@@ -11,7 +11,6 @@ if it was made while the job was still running.
 from __future__ import annotations
 
 import io
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -98,7 +97,3 @@ class Thumbnails:
         buffer = io.BytesIO()
         picture.save(buffer, format="JPEG", quality=80)
         return buffer.getvalue()
-
-
-def file_size(path: Path) -> int:
-    return os.stat(path).st_size
