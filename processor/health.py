@@ -21,13 +21,20 @@ FRESH_SECONDS = 15.0
 
 def gpu_memory() -> Optional[dict[str, int]]:
     """Bytes of CUDA memory allocated and reserved by this process, and the device's total;
-    None unless torch is already imported and CUDA initialised (never imports it)."""
-    torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+    None unless torch is imported (never imports it, nor touches a module still being imported
+    by another thread) and CUDA is initialised."""
+    torch, cuda = sys.modules.get("torch"), sys.modules.get("torch.cuda")
+    if torch is None or cuda is None or any(getattr(getattr(m, "__spec__", None), "_initializing", False)
+                                            for m in (torch, cuda)):
         return None
-    device = torch.cuda.current_device()
-    return {"allocated": int(torch.cuda.memory_allocated(device)), "reserved": int(torch.cuda.memory_reserved(device)),
-            "total": int(torch.cuda.get_device_properties(device).total_memory)}
+    try:
+        if not cuda.is_initialized():
+            return None
+        device = cuda.current_device()
+        return {"allocated": int(cuda.memory_allocated(device)), "reserved": int(cuda.memory_reserved(device)),
+                "total": int(cuda.get_device_properties(device).total_memory)}
+    except (AttributeError, RuntimeError):
+        return None
 
 
 def _parse(stamp: Any) -> Optional[datetime]:
