@@ -371,11 +371,17 @@ class Daemon:
                   "doing": self._doing, "scheduling": self.settings.scheduling,
                   "models_loaded": {} if stopped else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
                   "model_cache": self.cache.stats.as_dict(), "engine": self.settings.engine,
-                  "device": self._engine.device_name() if self._engine is not None else self.settings.device,
+                  "device": self._device(),
                   "loop_at": datetime.fromtimestamp(self._loop_at, timezone.utc).replace(tzinfo=None).isoformat() + "Z",
                   "stall_seconds": max(self.settings.model_load_timeout, self.settings.lease_seconds),
                   "gpu_memory": health.gpu_memory()}
         write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
+
+    def _device(self) -> str:
+        """The engine's device, asked once it exists (it does not change)."""
+        if getattr(self, "_device_name", None) is None and self._engine is not None:
+            self._device_name = self._engine.device_name()
+        return getattr(self, "_device_name", None) or self.settings.device
 
     def _recover_when_due(self, now: float) -> None:
         if now >= self._next_recovery:
