@@ -14,7 +14,12 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, create_model, field_validator
 
+from config.untrusted import control_characters
+
 MAX_SEED = 2**53 - 1  # JSON numbers stay exact below this
+# The longest job or output name, in bytes of UTF-8: file systems allow 255 bytes per name, and the
+# daemon adds suffixes (``-<seed>``, ``-<n>``, ``.error.json``, ``<job id>-``).
+MAX_NAME_BYTES = 200
 REFERENCE_LORA = "Qwen-Image-Edit-2509-Lightning-4steps-V1.0-bf16.safetensors"
 IMAGE_KEYS = ("image1", "image2", "image3")
 
@@ -107,8 +112,19 @@ class JobFile(BaseModel):
     @field_validator("output_name")
     @classmethod
     def _output_name_is_plain(cls, value: Optional[str]) -> Optional[str]:
-        if value is not None and ("/" in value or "\\" in value or value.startswith(".") or "\x00" in value):
-            raise ValueError("must be a plain file name without folders or a leading dot")
+        if value is not None:
+            if "/" in value or "\\" in value or value.startswith("."):
+                raise ValueError("must be a plain file name without folders or a leading dot")
+            check_name_text(value)
+        return value
+
+    @field_validator("image1", "image2", "image3")
+    @classmethod
+    def _path_has_no_control_characters(cls, value: Optional[str]) -> Optional[str]:
+        if value is not None:
+            unsafe = control_characters(value)
+            if unsafe:
+                raise ValueError(f"contains control characters ({', '.join(unsafe)})")
         return value
 
     @field_validator("seeds")
@@ -148,6 +164,26 @@ for _name, _field in StageParameters.model_fields.items():
     if JobFile.model_fields[_name].description is None:
         JobFile.model_fields[_name].description = _field.description
 JobFile.model_rebuild(force=True)
+
+
+def check_name_text(name: str) -> None:
+    """ValueError unless ``name`` works as (part of) a file name: no control characters, at
+    most MAX_NAME_BYTES bytes."""
+    unsafe = control_characters(name)
+    if unsafe:
+        raise ValueError(f"contains control characters ({', '.join(unsafe)})")
+    size = len(name.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise ValueError(f"is {size} bytes long; at most {MAX_NAME_BYTES} bytes (UTF-8) are allowed, since "
+                         "the outputs and reports add to it")
+
+
+def check_job_name(name: str, source: str) -> None:
+    """JobFileError unless the job's name (its file's or folder's name) works for its outputs."""
+    try:
+        check_name_text(name)
+    except ValueError as exc:
+        raise JobFileError(source, f"the job's name {exc}; rename it") from None
 
 
 class JobFileError(ValueError):

@@ -173,6 +173,19 @@ class Settings(BaseSettings):
     def effective_http_token_file(self) -> Path:
         return self.http_token_file if self.http_token_file is not None else self.work / "http-token"
 
+    def relative_to_folders(self, text: str) -> str:
+        """``text`` with this machine's absolute folder paths replaced by the names users know
+        (``inbox/...``, ``work/...``, ``<LoRA folder>/...``): error reports, failed/ reports and
+        ``status`` must not show the server's layout."""
+        names = {**{str(path): name for name, path in self.folders().items()},
+                 str(self.effective_lora_dir): "<LoRA folder>", str(self.effective_model_path): "<model folder>",
+                 **({str(self.comfyui_path): "<ComfyUI>"} if self.comfyui_path else {}),
+                 str(self.state.parent): "<database folder>"}
+        for path in sorted(names, key=len, reverse=True):
+            if path not in ("", "/"):
+                text = text.replace(path, names[path])
+        return text
+
     def folders(self) -> dict[str, Path]:
         return {"inbox": self.inbox, "outbox": self.outbox, "failed": self.failed,
                 "archive": self.archive, "work": self.work}

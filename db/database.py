@@ -26,6 +26,7 @@ from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine, event, inspect, text
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -90,6 +91,24 @@ def current_revision(engine: Engine) -> Optional[str]:
         return MigrationContext.configure(connection).get_current_revision()
 
 
+def known_revision(revision: str) -> bool:
+    """Whether this version's migrations include ``revision``."""
+    try:
+        return ScriptDirectory.from_config(alembic_config("sqlite://")).get_revision(revision) is not None
+    except Exception:  # noqa: BLE001 - alembic raises several kinds for an unknown revision
+        return False
+
+
+def unusable(url: str, exc: BaseException) -> str:
+    """One plain sentence for a database that cannot be opened or read."""
+    reason = str(getattr(exc, "orig", None) or exc).strip().splitlines()[0]
+    if "not a database" in reason or "malformed" in reason or "corrupt" in reason:
+        return (f"the database {url} is damaged ({reason}). Stop every qie-hotfolder process, then restore a "
+                "backup or move the file (and its -wal and -shm files) aside to start with an empty queue "
+                "(docs/operations.md)")
+    return f"cannot use the database {url}: {reason}"
+
+
 def upgrade(url: str) -> None:
     """Bring the database at ``url`` to the newest schema."""
     engine = create_db_engine(url)
@@ -128,8 +147,12 @@ class Database:
     def __init__(self, url: str, create: bool = True):
         self.url = url
         self.engine = create_db_engine(url)
-        with _schema_lock(self.engine):
-            self._check_schema(create)
+        try:
+            with _schema_lock(self.engine):
+                self._check_schema(create)
+        except SQLAlchemyError as exc:
+            self.engine.dispose()
+            raise DatabaseError(unusable(url, exc)) from exc
         self.sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._fast_engine: Optional[Engine] = None
         self._fast_sessions: Optional[sessionmaker] = None
@@ -174,6 +197,11 @@ class Database:
                 raise DatabaseError(f"no database at {self.url}; start the daemon once to create it")
             command.upgrade(alembic_config(self.url), "head")
             return
+        if revision is not None and not known_revision(revision):
+            raise DatabaseError(
+                f"the database {self.url} has schema version {revision}, which this version of qie-hotfolder "
+                f"(schema {head}) does not know: it was written by a newer version. Run that newer version, "
+                "or restore a backup made before the upgrade (docs/operations.md)")
         raise DatabaseError(
             f"the database {self.url} is at schema version {revision or 'unknown'}, this version "
             f"needs {head}. Back it up, then run: python run.py db-upgrade")

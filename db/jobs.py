@@ -197,7 +197,8 @@ def _finish(session: Session, job_id: int, worker: str, state: JobState, **value
 
 
 def mark_done(session: Session, job_id: int, worker: str, result: Published) -> None:
-    _finish(session, job_id, worker, JobState.DONE, result=result, stage=None, step=None)
+    _finish(session, job_id, worker, JobState.DONE, result=result, stage=None, step=None, error=None,
+            error_kind=None)
     add_event(session, job_id, "done", f"published {result.image}")
     _notify_job(session, job_id, "done", f"published {result.image}", output=result.image, manifest=result.manifest)
 

@@ -12,8 +12,16 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from config import CLI_FLAGS, ConfigurationError, JobFileError, Settings, job_schema, load_settings, parse_job_file
+from config.untrusted import printable
 
 log = logging.getLogger("qie")
+
+
+# Exit statuses: the unit file does not restart the daemon on the ones a restart cannot mend.
+EXIT_USER = 1  # the command could not do what was asked (or another daemon holds the folders)
+EXIT_CONFIGURATION = 2  # the settings cannot work
+EXIT_DATABASE = 3  # the database is damaged, or of a schema this version cannot use
+EXIT_RESTART = 75  # SIGHUP: stopped at a checkpoint to be started again (systemd restarts it at once)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -21,15 +29,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "command", None):
         parser.print_help()
-        return 2
+        return EXIT_CONFIGURATION
+    from db import DatabaseError
     try:
         return args.handler(args)
     except ConfigurationError as exc:
-        print(f"configuration error: {exc}", file=sys.stderr)
-        return 2
+        print(f"configuration error: {printable(exc)}", file=sys.stderr)
+        return EXIT_CONFIGURATION
+    except DatabaseError as exc:
+        print(f"database error: {printable(exc)}", file=sys.stderr)
+        return EXIT_DATABASE
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        print(f"error: {printable(exc)}", file=sys.stderr)
+        return EXIT_USER
 
 
 class UserError(Exception):
@@ -63,34 +75,22 @@ def setup_logging(settings: Settings) -> None:
 
 
 def open_db(settings: Settings, create: bool = False):
-    from db import Database, DatabaseError
-    try:
-        return Database(settings.url, create=create)
-    except DatabaseError as exc:
-        raise UserError(str(exc)) from exc
+    from db import Database
+    return Database(settings.url, create=create)
 
 
 # Commands ----------------------------------------------------------------------------------------
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from db import DatabaseError
-    from processor.daemon import AlreadyRunning, Daemon
+    from processor.daemon import Daemon
     extra = {"watch_mode": "polling"} if args.polling else {}
     settings = settings_from(args, **extra)
     setup_logging(settings)
-    try:
-        return Daemon(settings, once=args.once).serve()
-    except DatabaseError as exc:
-        log.error("%s", exc)
-        return 2  # restarting will not help: the unit's RestartPreventExitStatus=2
-    except (AlreadyRunning, FileNotFoundError) as exc:
-        log.error("%s", exc)
-        return 1
+    return _run_daemon(Daemon(settings, once=args.once))
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
-    from db import DatabaseError
-    from processor.daemon import AlreadyRunning, Daemon
+    from processor.daemon import Daemon
     from processor.scheduler import claimed_stages
     try:
         stages = claimed_stages(args.stages.split(",")) if args.stages else None
@@ -99,21 +99,28 @@ def cmd_worker(args: argparse.Namespace) -> int:
     extra = {"watch_mode": "polling"} if args.polling else {}
     settings = settings_from(args, **extra)
     setup_logging(settings)
+    return _run_daemon(Daemon(settings, once=args.once, stages=stages, ingest=args.ingest, drain=True))
+
+
+def _run_daemon(daemon) -> int:
+    """Serve until stopped; one log line and a distinct exit status when it cannot start."""
+    from db import DatabaseError
+    from processor.daemon import AlreadyRunning
     try:
-        return Daemon(settings, once=args.once, stages=stages, ingest=args.ingest, drain=True).serve()
+        return EXIT_RESTART if daemon.serve() == "restart" else 0
     except DatabaseError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_DATABASE  # restarting will not help: the unit's RestartPreventExitStatus
     except (AlreadyRunning, FileNotFoundError) as exc:
         log.error("%s", exc)
-        return 1
+        return EXIT_USER
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from processor.submit import submit
     settings = settings_from(args)
     placed = submit(Path(args.file), settings)
-    print(f"submitted: {placed}")
+    print(f"submitted: {printable(placed)}")
     return 0
 
 
@@ -169,12 +176,11 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def _transition(args: argparse.Namespace, action: str) -> int:
     from db import jobs
+    from processor import actions
     settings = settings_from(args)
     db = open_db(settings)
     try:
-        with db.begin() as session:
-            job = getattr(jobs, action)(session, args.id)
-            state = job.state
+        state = getattr(actions, action)(settings, db, args.id).state
     except jobs.TransitionError as exc:
         raise UserError(str(exc)) from exc
     print(f"job {args.id}: {state}" + (" (cancel requested; stops at the next step)" if state == "running" else ""))
@@ -259,7 +265,7 @@ def cmd_gc(args: argparse.Namespace) -> int:
         return 0
     verb = "would remove" if args.dry_run else "removed"
     for item in report.removed:
-        print(f"{verb} {item.kind} {item.path} ({item.bytes} bytes): {item.reason}")
+        print(f"{verb} {item.kind} {printable(item.path)} ({item.bytes} bytes): {printable(item.reason)}")
     print(report.summary())
     return 0
 

@@ -43,6 +43,7 @@ from typing import Any, Optional
 from config import Settings
 from db import Database, jobs, utcnow
 from processor import files, health, retention
+from processor.faults import fault_point
 from processor.ingest import Ingestor
 from processor.ingest_loop import IngestLoop
 from processor.lease import Heartbeat, is_dead
@@ -118,6 +119,7 @@ class FolderLock:
 def write_status_file(path: Path, status: dict) -> None:
     """Replace the status file (not fsynced: it is rewritten every second and only informs)."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    fault_point("status.write")
     tmp = files.temporary_name(path, unique=False)
     tmp.write_text(json.dumps(status, indent=2))
     os.replace(tmp, path)
@@ -156,6 +158,8 @@ class Daemon:
         self.intake: Optional[IngestLoop] = None
         self._engine: Optional[Engine] = None
         self._signals = 0
+        self._trouble = 0  # consecutive failed rounds of the loop
+        self.restart_requested = False
         self._stop_announced = False
         self._stop_lock = threading.Lock()
         self._doing: Optional[str] = None  # the last progress report, None when idle
@@ -173,12 +177,20 @@ class Daemon:
             if folder == self.settings.inbox and not folder.parent.is_dir():
                 raise FileNotFoundError(f"the inbox's parent folder {folder.parent} does not exist")
             folder.mkdir(parents=True, exist_ok=True)
+        files.make_private_dir(self.settings.work)  # checkpoints and copies of every input
         self.lock.acquire(shared=not self.settings.url.startswith("sqlite"))
+        database_files = []
+        if self.settings.database_url is None:  # SQLite: the queue and every prompt, owner only
+            files.create_private_file(self.settings.state)
+            database_files = [self.settings.state, *(self.settings.state.with_name(self.settings.state.name + suffix)
+                                                     for suffix in ("-wal", "-shm"))]
         self.db = Database(self.settings.url)
+        files.private_files(database_files)
         self.heartbeat = Heartbeat(self.db, self.worker, self.settings.lease_seconds,
                                    stall_seconds=max(self.settings.model_load_timeout, self.settings.lease_seconds))
         self.planner = Planner(self.settings, self.engine, self.db.shared)
-        self.store = CheckpointStore(self.settings.work, self.db, self.writer)
+        self.store = CheckpointStore(self.settings.work, self.db, self.writer,
+                                     describe=self.settings.relative_to_folders)
         self.runner = JobRunner(self.settings, self.db, self.engine, self.planner, self.store, self.writer,
                                 self.heartbeat, self.worker, self.stop, self._progress)
         self.scheduler = Scheduler(self.settings, self.db, self.worker, self.planner, self.store, self.runner,
@@ -233,7 +245,10 @@ class Daemon:
 
     # The compute loop -----------------------------------------------------------------------
 
-    def serve(self) -> int:
+    def serve(self) -> str:
+        """Run until stopped (``--once``: until nothing is left). Returns ``"restart"`` after a
+        SIGHUP (the caller exits so that the service manager starts it again, with the
+        configuration as it now is), else ``"stopped"``."""
         self._install_signal_handlers()
         self.start()
         self.notifier.ready(f"ready: watching {self.settings.inbox}" if self.ingest else
@@ -243,14 +258,16 @@ class Daemon:
             self.intake.start()
         try:
             while not self.stop.is_set():
+                inbox_looked_at = self._inbox_looked_at()
                 try:
                     busy = self.tick(time.monotonic())
-                except Exception:  # noqa: BLE001 - the loop's edge: log, pause, go on serving
-                    log.exception("unexpected error in the daemon loop; continuing in a second")
-                    self.stop.wait(1.0)
+                    self._trouble = 0
+                except Exception as exc:  # noqa: BLE001 - the loop's edge: an alarm, a pause, go on serving
+                    self._loop_error(exc)
                     busy = False
                 self.notifier.watchdog()
-                if self.once and not busy and not self._settling() and not self._work_left():
+                if (self.once and not busy and inbox_looked_at is not None
+                        and inbox_looked_at == self._inbox_looked_at() and not self._work_left()):
                     break
                 if not busy:
                     self._idle_status()
@@ -259,7 +276,24 @@ class Daemon:
         finally:
             self._announce_stop()
             self.shutdown()
-        return 0
+        return "restart" if self.restart_requested else "stopped"
+
+    def _loop_error(self, exc: Exception) -> None:
+        """An error outside any unit (a full disk, a database that refuses): log it, raise an
+        alarm when the database takes it, and pause, longer each time it repeats (up to a minute)."""
+        self._trouble += 1
+        pause = min(2 ** (self._trouble - 1), 60.0)
+        if isinstance(exc, OSError):
+            log.error("ALARM: %s; pausing %.0f s", exc, pause)
+        else:
+            log.exception("unexpected error in the daemon loop; pausing %.0f s", pause)
+        if self._trouble == 1:
+            try:
+                with self.db.begin() as session:
+                    jobs.add_event(session, None, "alarm", f"the daemon loop failed: {exc}", level="error")
+            except Exception:  # noqa: BLE001 - the database may be what fails; the log has it
+                pass
+        self.stop.wait(pause)
 
     def tick(self, now: float) -> bool:
         """One round: scan when due (when no ingest thread does it), then run one unit. True when
@@ -297,11 +331,16 @@ class Daemon:
         with self.db.begin() as session:
             return jobs.unfinished_due(session, utcnow()) > 0
 
-    def _settling(self) -> bool:
-        """The inbox is being looked at, or holds candidates that become ready by waiting."""
+    def _inbox_looked_at(self) -> Optional[int]:
+        """How many scans of the inbox finished, when none is under way and nothing in it is about
+        to settle; None while the inbox may still yield jobs. ``--once`` exits only when this was
+        the same before and after a round that found no work (a scan finishing during the round
+        may have queued a job the round did not see)."""
         if self.intake is None:
-            return False
-        return not self.intake.idle() if self.intake.running else self.intake.settling()
+            return 0
+        if self.intake.running:
+            return self.intake.scans if self.intake.idle() else None
+        return None if self.intake.settling() else self.intake.scans
 
     def _idle_timeout(self) -> float:
         timeout = self.settings.rescan_interval
@@ -407,8 +446,11 @@ class Daemon:
             return
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_signal)
 
     def _on_signal(self, signum, _frame) -> None:
+        if signum == signal.SIGHUP:
+            self.restart_requested = True  # stop at a checkpoint, to be started again
         self._signals += 1
         if self._signals > 1:
             os.write(2, b"second signal: exiting now; the running job resumes on the next start\n")
@@ -437,20 +479,30 @@ class Daemon:
             self.notifier.stopping("stopping: nothing left to do")
 
     def shutdown(self) -> None:
-        if getattr(self, "services", None) is not None:
-            self.services.stop()
-        if self.intake is not None:
-            self.intake.stop()
+        """Stop the threads beside the loop, hand back the job held and wait for the writer. Each
+        step is tried whatever the previous one did (a full disk must not leave jobs claimed)."""
+        steps = [("web and notifications", self.services.stop if getattr(self, "services", None) else None),
+                 ("ingest", self.intake.stop if self.intake is not None else None),
+                 ("housekeeper", self._stop_housekeeper)]
+        if self.db is not None:
+            steps += [("held job", lambda: self.scheduler.release_held("stopped between stages; will resume")),
+                      ("writer", self.writer.stop), ("heartbeat", self.heartbeat.stop),
+                      ("status file", self._write_final_status), ("database", self.db.close)]
+        steps += [("folder lock", self.lock.release), ("systemd", self.notifier.close)]
+        for what, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except Exception as exc:  # noqa: BLE001 - stopping goes on; what failed is logged
+                log.error("while stopping (%s): %s", what, exc)
+        log.info("qie-hotfolder stopped")
+
+    def _stop_housekeeper(self) -> None:
         self._housekeeper_stop.set()
         if self._housekeeper is not None:
             self._housekeeper.join(timeout=30)
-        if self.db is not None:
-            self.scheduler.release_held("stopped between stages; will resume")
-            self.writer.stop()
-            self.heartbeat.stop()
-            self._doing = "stopped"
-            self._write_status()
-            self.db.close()
-        self.lock.release()
-        self.notifier.close()
-        log.info("qie-hotfolder stopped")
+
+    def _write_final_status(self) -> None:
+        self._doing = "stopped"
+        self._write_status()

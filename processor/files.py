@@ -218,6 +218,24 @@ def copy_tree(source: Path, target: Path) -> list[str]:
     return copied
 
 
+def move_file(source: Path, target: Path) -> None:
+    """Move a file into one of the daemon's folders: a rename on the same file system (the file
+    keeps its owner, whose file it is), else a durable copy of the bytes and the removal of the
+    source; either way without set-user-ID, set-group-ID or sticky bits."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.rename(source, target)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        if os.path.islink(source):
+            os.symlink(os.readlink(source), target)
+        else:
+            copy_durably(source, target)
+        os.unlink(source)
+    plain_mode(target)
+
+
 def plain_mode(path: Path) -> None:
     """Drop the set-user-ID, set-group-ID and sticky bits of a file moved into our folders."""
     try:
@@ -297,6 +315,16 @@ def make_private_dir(path: Path) -> None:
         if path.stat().st_uid == os.geteuid() and stat.S_IMODE(path.stat().st_mode) & 0o077:
             os.chmod(path, stat.S_IMODE(path.stat().st_mode) & ~0o077)
     except OSError:
+        pass
+
+
+def create_private_file(path: Path) -> None:
+    """Create ``path`` empty and readable by its owner only, unless it exists (so that what the
+    daemon keeps there, such as the database with every prompt, is private from the start)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE_FILE_MODE))
+    except FileExistsError:
         pass
 
 

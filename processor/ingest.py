@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from config import (IMAGE_KEYS, InputFile, JobFile, JobFileError, JobSpec, Settings, StageParameters, job_over_preset,
+from config import (IMAGE_KEYS, InputFile, check_job_name, JobFile, JobFileError, JobSpec, Settings, StageParameters, job_over_preset,
                     parse_job_file, parse_preset)
 from db import Database, jobs
 from processor import publish
@@ -112,6 +112,8 @@ class Ingestor:
     # 1. Readiness ---------------------------------------------------------------------------
 
     def _consider(self, candidate: Candidate, waiting: Waiting, now: float) -> Optional[int]:
+        for part in candidate.name.split("/"):  # the preset's folder name and the job's own
+            check_job_name(part, candidate.source)
         waiting.missing = False
         if candidate.is_folder:
             # Every file of a folder is watched from the first look, so that they settle

@@ -25,12 +25,26 @@ from contextvars import ContextVar
 from datetime import datetime
 from typing import TYPE_CHECKING, Iterator, Optional, TextIO
 
+from config.untrusted import printable
+
 if TYPE_CHECKING:
     from config import Settings
 
 _current: ContextVar[Optional[tuple[int, Optional[str]]]] = ContextVar("qie_job", default=None)
 
 TEXT_FORMAT = "%(asctime)s %(levelname)-7s %(name)s: %(job_tag)s%(message)s"
+
+
+class TextFormatter(logging.Formatter):
+    """The text format; every line of a traceback starts with ``  | ``, so that an exception
+    message holding a newline cannot pass for a log line of its own."""
+
+    def formatException(self, ei) -> str:  # noqa: N802 - logging's name
+        text = super().formatException(ei)
+        return "\n".join("  | " + printable(line) for line in text.splitlines())
+
+    def formatStack(self, stack_info: str) -> str:  # noqa: N802 - logging's name
+        return "\n".join("  | " + printable(line) for line in stack_info.splitlines())
 QUIET_LOGGERS = ("watchdog", "PIL", "urllib3", "httpx", "filelock", "alembic")
 _STEP = re.compile(r"\bstep (\d+)/(\d+)\b")
 
@@ -51,9 +65,13 @@ def current_job() -> tuple[Optional[int], Optional[str]]:
 
 
 class JobContextFilter(logging.Filter):
-    """Adds ``job_id``, ``stage`` and ``job_tag`` to every record (an explicit ``extra`` wins)."""
+    """Adds ``job_id``, ``stage`` and ``job_tag`` to every record (an explicit ``extra`` wins), and
+    makes its message one safe line: file names and prompts come from whoever drops files, and a
+    newline or an escape sequence in them must not forge a log line or drive a terminal."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = printable(record.getMessage())
+        record.args = None
         job_id, stage = current_job()
         if getattr(record, "job_id", None) is None:
             record.job_id = job_id
@@ -100,7 +118,7 @@ class TerminalHandler(logging.StreamHandler):
 
     def show_progress(self, text: str, step: int, total: int) -> None:
         filled = self.width * step // total if total else 0
-        bar = f"{text} [{'#' * filled}{'.' * (self.width - filled)}] {100 * step // max(total, 1):3d}%"
+        bar = f"{printable(text)} [{'#' * filled}{'.' * (self.width - filled)}] {100 * step // max(total, 1):3d}%"
         self.acquire()
         try:
             self.stream.write("\r\x1b[K" + bar)
@@ -132,7 +150,7 @@ def configure(level: str = "INFO", json_lines: bool = False, stream: Optional[Te
     stream = stream if stream is not None else sys.stderr
     terminal = not json_lines and _is_terminal(stream)
     handler: logging.Handler = TerminalHandler(stream) if terminal else logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if json_lines else logging.Formatter(TEXT_FORMAT))
+    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(JobContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]

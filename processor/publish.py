@@ -16,6 +16,7 @@ as its outputs go into ``outbox/<preset>/``.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import logging
@@ -28,11 +29,12 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from config import JobSpec, Published, Settings
+from config import MAX_NAME_BYTES, JobSpec, Published, Settings
+from config.untrusted import control_characters
 from db import Database, Job, checkpoints, jobs, utcnow
 from processor import files
 from processor.faults import fault_point
-from processor.inbox import move_files, remove_empty_dirs, unique_path
+from processor.inbox import remove_empty_dirs, unique_path
 from processor.manifest import build_manifest
 from processor.plan import FINAL, JobPlan
 from stages import Engine
@@ -216,7 +218,12 @@ def report_rejected(settings: Settings, name: str, base: Path, moved_files: Iter
     failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
-    moved = move_files(moved_files, base, folder)
+    moved = []
+    for path in moved_files:
+        if os.path.lexists(path):
+            relative = path.relative_to(base)
+            files.move_file(path, folder / relative)
+            moved.append(relative.as_posix())
     report = {"job": name, "source": source, "error": error, "field": field, "kind": "permanent",
               "stage": "ingest", "files": moved, "at": _now(),
               "hint": "fix the job file, then move the files in this folder back into the inbox"}
@@ -232,6 +239,31 @@ def report_failed(settings: Settings, name: str, originals: Path, report: Failur
     return _write_error(failed, name, {**asdict(report), "at": _now(),
                                        "hint": "fix the problem, then run: python run.py retry "
                                                f"{report.job_id} (or move these files back into the inbox)"})
+
+
+def remove_failure_report(settings: Settings, name: str, job_id: int) -> list[Path]:
+    """Remove the failed/ report of job ``job_id`` (and the copies of its originals beside it),
+    once the job is retried: left there they would only invite a duplicate drop. Reports of
+    other jobs with the same name stay. The paths removed."""
+    failed, leaf = _nested(settings.failed, name)
+    removed = []
+    for report in sorted(failed.glob(f"{glob_escape(leaf)}*.error.json")):
+        try:
+            if json.loads(report.read_text()).get("job_id") != job_id:
+                continue
+        except (OSError, ValueError):
+            continue
+        copies = report.with_name(report.name[:-len(".error.json")])
+        if copies.is_dir() and not copies.is_symlink():
+            shutil.rmtree(copies)
+            removed.append(copies)
+        report.unlink(missing_ok=True)
+        removed.append(report)
+    return removed
+
+
+def glob_escape(text: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def archive_originals(settings: Settings, job_id: int, name: str, originals: Path) -> Optional[Path]:
@@ -250,9 +282,22 @@ def archive_originals(settings: Settings, job_id: int, name: str, originals: Pat
 
 
 def _nested(folder: Path, name: str) -> tuple[Path, str]:
-    """``preset/name`` -> (``folder/preset``, ``name``); a plain name stays in ``folder``."""
+    """``preset/name`` -> (``folder/preset``, ``name``); a plain name stays in ``folder``. Both
+    parts are made usable as file names (a rejected job's name may be neither)."""
     parent, _, leaf = name.rpartition("/")
-    return (folder / parent if parent else folder), leaf
+    return (folder / file_name(parent) if parent else folder), file_name(leaf)
+
+
+def file_name(name: str) -> str:
+    """``name`` made safe for a report's file name: control characters replaced by ``_``, and
+    cut (with a short hash of the whole, so different names stay different) to MAX_NAME_BYTES."""
+    safe = "".join("_" if control_characters(c) or c in "/\\" else c for c in name) or "_"
+    encoded = safe.encode("utf-8", "surrogateescape")
+    if len(encoded) <= MAX_NAME_BYTES:
+        return safe
+    digest = hashlib.sha256(encoded).hexdigest()[:8]
+    cut = encoded[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")
+    return f"{cut}-{digest}"
 
 
 def _now() -> str:

@@ -9,6 +9,7 @@ from datetime import timedelta
 from typing import Any, Optional
 
 from config import Settings
+from config.untrusted import printable
 from db import Database, checkpoints, jobs, utcnow
 from db.schema import Event
 from sqlalchemy import select
@@ -72,19 +73,20 @@ def daemon_line(daemon: dict[str, Any]) -> str:
     loaded = ", ".join(f"{role} {size / 1e6:.0f} MB" for role, size in (daemon.get("models_loaded") or {}).items())
     loads = ", ".join(f"{role} {n}" for role, n in (cache.get("loads") or {}).items()) or "none"
     unloads = ", ".join(f"{role} {n}" for role, n in (cache.get("unloads") or {}).items()) or "none"
-    return (f"daemon {daemon.get('worker')} ({daemon.get('updated_at', '')[:19]}): {daemon.get('doing') or 'idle'}\n"
+    return (f"daemon {printable(daemon.get('worker'))} ({printable(daemon.get('updated_at', ''))[:19]}): "
+            f"{printable(daemon.get('doing') or 'idle')}\n"
             f"models loaded: {loaded or 'none'}; loads: {loads}; unloads: {unloads}; "
             f"loading took {cache.get('load_seconds', 0):.1f} s")
 
 
 def status_table(rows: list[dict], alarms: list[dict], daemons: Optional[list[dict[str, Any]]] = None) -> str:
-    lines = [f"ALARM {a['at']}: {a['message']}" for a in alarms]
+    lines = [f"ALARM {a['at']}: {printable(a['message'])}" for a in alarms]
     lines += [daemon_line(daemon) for daemon in daemons or ()]
     if not rows:
         return "\n".join(lines + ["no jobs yet"])
     header = ("ID", "NAME", "STATE", "STAGE", "PROGRESS", "AGE", "DETAIL")
-    body = [(str(r["id"]), r["name"][:32], r["state"], r["stage"], r["progress"], r["age"],
-             (r["error"] or os.path.basename(r["output"]))[:60]) for r in rows]
+    body = [(str(r["id"]), printable(r["name"])[:32], r["state"], printable(r["stage"]), r["progress"], r["age"],
+             printable(r["error"] or os.path.basename(r["output"]))[:60]) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(header)]
     fmt = "  ".join(f"{{:<{w}}}" for w in widths)
     return "\n".join(lines + [fmt.format(*header)] + [fmt.format(*b) for b in body])
@@ -114,22 +116,24 @@ def job_detail(db: Database, job_id: int) -> Optional[dict[str, Any]]:
 
 
 def job_detail_text(d: dict[str, Any]) -> str:
-    lines = [f"job {d['id']} {d['name']}: {d['state']}" + (f" ({d['stage']})" if d["stage"] else ""),
-             f"  source: {d['source']}   seed: {d['seed']}   attempts: {d['attempts']}   crashes: {d['crashes']}"
-             + (f"   preset: {d['preset']}" if d.get("preset") else ""),
-             f"  prompt: {d['prompt']}"]
+    """``show``'s text: every value that came from outside escaped (``config.untrusted``)."""
+    p = printable
+    lines = [f"job {d['id']} {p(d['name'])}: {d['state']}" + (f" ({p(d['stage'])})" if d["stage"] else ""),
+             f"  source: {p(d['source'])}   seed: {d['seed']}   attempts: {d['attempts']}   crashes: {d['crashes']}"
+             + (f"   preset: {p(d['preset'])}" if d.get("preset") else ""),
+             f"  prompt: {p(d['prompt'])}"]
     if d["error"]:
-        lines.append(f"  error ({d['error_kind']}): {d['error']}")
+        lines.append(f"  error ({d['error_kind']}): {p(d['error'])}")
     if d["result"]:
-        lines.append(f"  output: {d['result']['image']}")
+        lines.append(f"  output: {p(d['result']['image'])}")
     lines.append("  stages:")
     for r in d["stage_runs"]:
         how = "reused" if r["cache_hit"] else f"{(r['duration_s'] or 0):.3f}s"
         if r["resumed_from_step"]:
             how += f", resumed after step {r['resumed_from_step']}"
-        lines.append(f"    {r['stage']:<14} {how}" + (f"  ERROR {r['error']}" if r["error"] else ""))
+        lines.append(f"    {r['stage']:<14} {how}" + (f"  ERROR {p(r['error'])}" if r["error"] else ""))
     lines.append("  events:")
-    lines += [f"    {e['at']:%Y-%m-%d %H:%M:%S} {e['level']:<7} {e['kind']}: {e['message']}" for e in d["events"]]
+    lines += [f"    {e['at']:%Y-%m-%d %H:%M:%S} {e['level']:<7} {e['kind']}: {p(e['message'])}" for e in d["events"]]
     return "\n".join(lines)
 
 

@@ -246,7 +246,7 @@ class JobRunner:
         """Record a failed unit: a retry later for a transient error with attempts left, else the
         job fails with a report in failed/ (in the writer thread)."""
         kind = classify(exc)
-        message = str(exc) or type(exc).__name__
+        message = self.settings.relative_to_folders(str(exc) or type(exc).__name__)
         with self.db.begin() as session:
             if not jobs.holds(session, job.id, self.worker):
                 log.warning("job %d: no longer ours; its failure (%s) is not recorded", job.id, message)
@@ -270,7 +270,11 @@ class JobRunner:
         report = publish.FailureReport(job_id=job.id, job=job.name, source=job.source, error=message,
                                        kind="permanent" if permanent else "transient", stage=stage,
                                        attempts=attempts, exception=type(exc).__name__)
-        publish.report_failed(self.settings, job.name, Path(job.work_dir) / "originals", report)
+        try:
+            publish.report_failed(self.settings, job.name, Path(job.work_dir) / "originals", report)
+        except Exception as report_error:  # noqa: BLE001 - the job fails with its own cause all the same
+            log.error("job %d: its report could not be written to failed/ (%s)", job.id, report_error)
+            message += f" (its report could not be written to failed/: {report_error})"
         with self.db.begin() as session:
             jobs.mark_failed(session, job.id, self.worker, message, report.kind)
 

@@ -123,8 +123,10 @@ class Run:
 
 
 class CheckpointStore:
-    def __init__(self, work: Path, db: Database, writer: Writer, memo_bytes: int = 512 * 1024 * 1024):
+    def __init__(self, work: Path, db: Database, writer: Writer, memo_bytes: int = 64 * 1024 * 1024,
+                 describe: Callable[[str], str] = lambda text: text):
         self.cache_dir = work / "cache"
+        self.describe = describe  # an error as users may see it (no absolute server paths)
         self.db = db
         self.writer = writer
         self.memo = Memo(memo_bytes)
@@ -185,7 +187,7 @@ class CheckpointStore:
             try:
                 sha, size = self._write(stage, fingerprint, payload)
             except RetryableError as exc:
-                error = str(exc)
+                error = self.describe(str(exc))
                 log.warning("%s; the result stays in memory, the stage is computed again if it is needed after "
                             "a restart", exc)
             stale: list[str] = []
