@@ -20,7 +20,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.spec import InputFile, JobSpec, Published
-from db import notifications
+from db.notifications import enqueue as notify
 from db.schema import FINAL_STATES, Event, Job, JobState, utcnow
 
 # The statements of a unit of work, built once (building one costs more than running it, and a
@@ -65,14 +65,14 @@ def _dialect(session: Session) -> str:
 def add_event(session: Session, job_id: Optional[int], kind: str, message: str, level: str = "info") -> None:
     session.add(Event(job_id=job_id, kind=kind, message=message, level=level))
     if kind == "alarm" and level == "error":
-        notifications.enqueue(session, "alarm", "qie-hotfolder alarm", message, job_id, {"message": message})
+        notify(session, "alarm", "qie-hotfolder alarm", message, job_id, {"message": message})
 
 
 def _notify_job(session: Session, job_id: int, event: str, message: str, **details) -> None:
     """A notification about a job that just finished, in the transaction that finished it."""
     name, preset = session.execute(select(Job.name, Job.preset).where(Job.id == job_id)).one()
     payload = {"job": {"id": job_id, "name": name, "preset": preset, "state": event}, **details}
-    notifications.enqueue(session, event, f"qie-hotfolder: job {job_id} ({name}) {event}", message, job_id, payload)
+    notify(session, event, f"qie-hotfolder: job {job_id} ({name}) {event}", message, job_id, payload)
 
 
 def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: JobSpec,

@@ -9,7 +9,10 @@ from fastapi.staticfiles import StaticFiles
 
 from config import Settings
 from db import Database
-from web import api, metrics, pages, sse
+from web.api import router as api_router
+from web.metrics import registry_for, router as metrics_router
+from web.pages import router as pages_router
+from web.sse import ChangeFeed, router as sse_router
 from web.context import STATIC, WebContext
 from web.security import Guard, is_loopback, parse_listen, send_body
 
@@ -74,10 +77,10 @@ def create_app(settings: Settings, token: Optional[str], db: Optional[Database] 
                               "See docs/web.md.")
     ctx = WebContext(settings=settings, db=db or Database(settings.url, create=False), token=token,
                      listen=settings.http_listen, daemon=daemon)
-    ctx.feed = sse.ChangeFeed(ctx)
+    ctx.feed = ChangeFeed(ctx)
     app.state.ctx = ctx
-    app.state.registry = metrics.registry_for(ctx)
-    for router in (api.router, sse.router, metrics.router, pages.router):
+    app.state.registry = registry_for(ctx)
+    for router in (api_router, sse_router, metrics_router, pages_router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.add_middleware(BodyLimit, limit=settings.max_upload_bytes + UPLOAD_OVERHEAD)
