@@ -1,16 +1,17 @@
 #!/usr/bin/env python3
 """The web server's cost: page latency with a long history, and the compute loop with a browser.
 
-    python bench/web.py [--history 10000] [--requests 200] [--jobs 30] [--rounds 3]
+    python bench/web.py [--history 10000] [--requests 200] [--jobs 30] [--rounds 3] [--browser chromium|follower]
 
 1. Latency: a database with ``--history`` finished jobs (each with five stage runs and three
    events), served by ``run.py web`` in its own process; ``--requests`` sequential requests each
    of the queue page, ``/api/jobs`` (first page, and filtered by state), ``/metrics``: p50, p95.
 2. Overhead: ``--jobs`` jobs through an in-process daemon (fake engine, no stage time: what is
    measured is the daemon's own work per job) with its web server in a thread, once with nothing
-   connected and once with a browser on the queue page (headless Chromium when installed, else
-   a client that follows ``/events`` and loads the page every second, in another process). The
-   two take turns for ``--rounds`` rounds; the median round of each counts.
+   connected and once with a browser on the queue page (``--browser chromium``: headless
+   Chromium, when installed; ``follower``: a client that follows ``/events`` and loads the page
+   every second, in another process). The two take turns for ``--rounds`` rounds; the median
+   round of each counts.
 """
 
 from __future__ import annotations
@@ -133,9 +134,9 @@ def latency(root: Path, history: int, requests: int) -> dict[str, tuple[float, f
     return results
 
 
-def browser(url: str) -> subprocess.Popen:
+def browser(url: str, kind: str) -> subprocess.Popen:
     chromium = shutil.which("chromium")
-    if chromium:
+    if kind == "chromium" and chromium:
         profile = tempfile.mkdtemp(prefix="qie-bench-chromium-")
         return subprocess.Popen([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
                                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
@@ -144,7 +145,7 @@ def browser(url: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", FOLLOWER, url])
 
 
-def one_round(root: Path, jobs: int, connected: bool) -> float:
+def one_round(root: Path, jobs: int, connected: bool, kind: str) -> float:
     """Seconds per job through the daemon's loop, with or without a browser on the queue page."""
     port = free_port()
     settings = settings_for(root, None, http_listen=f"127.0.0.1:{port}")
@@ -157,7 +158,7 @@ def one_round(root: Path, jobs: int, connected: bool) -> float:
     try:
         drain(daemon)  # warm-up: models loaded, database created
         if connected:
-            client = browser(f"http://127.0.0.1:{port}")
+            client = browser(f"http://127.0.0.1:{port}", kind)
             deadline = time.monotonic() + 30
             while server.app.state.ctx.feed.polls == 0 and time.monotonic() < deadline:
                 time.sleep(0.1)
@@ -185,17 +186,22 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=200)
     parser.add_argument("--jobs", type=int, default=30)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--browser", choices=("chromium", "follower"), default="chromium",
+                        help="what connects: headless Chromium (its own CPU use competes with the daemon on a small "
+                             "machine) or a small client that follows /events and loads the page every second")
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="qie-bench-web-") as tmp:
         root = Path(tmp)
-        print(f"1. latency with {args.history} jobs in history ({args.requests} requests each), ms")
-        for path, (p50, p95) in latency(root / "history", args.history, args.requests).items():
-            print(f"  {path:<32} p50 {p50 * 1000:6.1f}   p95 {p95 * 1000:6.1f}")
+        if not args.skip_latency:
+            print(f"1. latency with {args.history} jobs in history ({args.requests} requests each), ms")
+            for path, (p50, p95) in latency(root / "history", args.history, args.requests).items():
+                print(f"  {path:<32} p50 {p50 * 1000:6.1f}   p95 {p95 * 1000:6.1f}")
         print(f"2. compute loop per job ({args.jobs} jobs, fake engine without stage time), ms")
         sides: dict[bool, list[float]] = {False: [], True: []}
         for round_number in range(args.rounds):
             for connected in (False, True):
-                per_job = one_round(root / f"round-{round_number}-{int(connected)}", args.jobs, connected)
+                per_job = one_round(root / f"round-{round_number}-{int(connected)}", args.jobs, connected, args.browser)
                 sides[connected].append(per_job)
                 print(f"  round {round_number + 1}, {'browser connected' if connected else 'no browser':<17} "
                       f"{per_job * 1000:6.1f}")
