@@ -37,7 +37,8 @@ def settings_for(root: Path, model: Optional[Path], **overrides: Any):
     """Settings for folders below ``root``, computing on the tiny diffusers ``model`` (None: the
     fake engine)."""
     values = dict(inbox=root / "inbox", outbox=root / "outbox", failed=root / "failed", archive=root / "archive",
-                  work=root / "work", state=root / "state.db", settle_seconds=0, threads=1, log_level="WARNING")
+                  work=root / "work", state=root / "state.db", settle_seconds=0, threads=1, log_level="WARNING",
+                  http_listen="off")
     values.update(dict(engine="diffusers", model_path=model) if model is not None else dict(engine="fake"))
     values.update(overrides)
     return load_settings(None, **values)

@@ -182,6 +182,7 @@ class JobFile(BaseModel):
     variations: Annotated[Optional[int], Field(ge=1, le=64, description="N outputs with seeds seed, seed+1, ... (random when no seed), named `<output_name>-<seed>`.")] = None
     output_name: Annotated[Optional[str], Field(min_length=1, max_length=200, description="Base name of the outputs, `{name}` in `name_template` (default: the job's name).")] = None
     priority: Annotated[int, Field(ge=-100, le=100, description="Higher runs first.")] = 0
+    notify: Annotated[Optional[list[Annotated[str, Field(min_length=4, max_length=2000, pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://")]]], Field(max_length=10, description="Apprise URLs told when this job is done or failed (in a preset.json: every job of the preset), besides the daemon's `notify_urls`; see docs/web.md.")] = None
     # Stage parameters, each optional: absent means the configured default.
     megapixels: Optional[float] = None
     upscale_method: Optional[UpscaleMethod] = None

@@ -116,6 +116,20 @@ class Settings(BaseSettings):
     stop_timeout: float = Field(120.0, gt=0, description="Seconds a graceful stop may take (the running step finishes and is checkpointed): the unit's `TimeoutStopSec=`, and what the daemon asks systemd for while it drains.")
     model_load_timeout: float = Field(600.0, gt=0, description="Seconds one model load may take before systemd takes the daemon for hung (asked for with `EXTEND_TIMEOUT_USEC` before each load).")
 
+    # Web pages, API and metrics (web/); notifications (processor/notify.py)
+    http_listen: str = Field("127.0.0.1:8765", pattern=r"^(off|[^\s:\[\]]+:\d{1,5}|\[[0-9a-fA-F:.]+\]:\d{1,5})$", description="`host:port` the daemon serves its web pages, JSON API and `/metrics` on (`run.py web` too), or `off`. On a loopback address no login is needed; on any other address a token is required (`http_token` or `http_token_file`), else the daemon refuses to start.")
+    http_token: Optional[str] = Field(None, min_length=16, description="The token every page and API call needs when `http_listen` is not a loopback address (`Authorization: Bearer <token>`, or the login page). Unset: read from `http_token_file`.")
+    http_token_file: Optional[Path] = Field(None, description="File holding the token (mode 0600, made by `python run.py http-token`). Default: `<work>/http-token`.")
+    max_upload_bytes: int = Field(200_000_000, gt=0, description="Largest upload (all files of one request together) the web page and API accept.")
+    notify_urls: list[str] = Field(default_factory=list, description="Apprise URLs notified of the events in `notify_on` (e.g. `ntfys://ntfy.sh/my-topic`, `mailtos://...`; see Apprise's documentation). Environment: a JSON list.")
+    notify_webhook_url: Optional[str] = Field(None, pattern=r"^https?://", description="A URL that gets every event in `notify_on` as a JSON POST signed with HMAC-SHA256 (`X-Qie-Signature`, see docs/web.md).")
+    notify_webhook_secret: Optional[str] = Field(None, min_length=16, description="The HMAC-SHA256 key of `notify_webhook_url`'s signatures (needed with it).")
+    notify_on: list[Literal["done", "failed", "alarm"]] = Field(["done", "failed", "alarm"], description="Which events are notified: a job `done`, a job `failed`, an `alarm` (inbox missing, disk full, a broken preset).")
+    notify_job_urls: bool = Field(True, description="Also notify the Apprise URLs a preset (or job) file names in `notify`. Anyone who can write to the inbox can then make the daemon contact those URLs.")
+    notify_retry_backoff: float = Field(10.0, gt=0, description="Seconds before a failed delivery is tried again; doubles each attempt, at most an hour.")
+    notify_max_attempts: int = Field(20, ge=1, description="Deliveries of one notification tried before it is given up (logged, and shown on the daemon page).")
+    disk_alarm_bytes: int = Field(1_000_000_000, ge=0, description="An alarm is raised when a folder's disk has less free space than this (0: never).")
+
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="Log level.")
     log_json: bool = Field(False, description="Log JSON lines instead of text.")
 
@@ -129,6 +143,8 @@ class Settings(BaseSettings):
             raise ValueError("engine 'comfyui' needs comfyui_path (QIE_COMFYUI_PATH)")
         if self.memory_profile == "gguf" and self.gguf_file is None:
             raise ValueError("memory_profile 'gguf' needs gguf_file (QIE_GGUF_FILE)")
+        if self.notify_webhook_url and not self.notify_webhook_secret:
+            raise ValueError("notify_webhook_url needs notify_webhook_secret (QIE_NOTIFY_WEBHOOK_SECRET) to sign with")
         return self
 
     @classmethod
@@ -165,6 +181,10 @@ class Settings(BaseSettings):
     def effective_threads(self) -> int:
         return self.threads or min(os.cpu_count() or 1, 8)
 
+    @property
+    def effective_http_token_file(self) -> Path:
+        return self.http_token_file if self.http_token_file is not None else self.work / "http-token"
+
     def relative_to_folders(self, text: str) -> str:
         """``text`` with this machine's absolute folder paths replaced by the names users know
         (``inbox/...``, ``work/...``, ``<LoRA folder>/...``): error reports, failed/ reports and
@@ -186,7 +206,7 @@ class Settings(BaseSettings):
 # The settings that are also command-line flags (``--inbox``, ``--model-path``...), in the order
 # ``--help`` lists them; the CLI builds its flags, and ``install-service`` passes them on, from this.
 CLI_FLAGS = ("inbox", "outbox", "failed", "archive", "work", "state", "database_url", "engine", "model_path",
-             "comfyui_path", "device", "dtype", "memory_profile", "log_level", "log_json")
+             "comfyui_path", "device", "dtype", "memory_profile", "log_level", "log_json", "http_listen")
 
 _CONFIG_FILE: dict[str, Optional[Path]] = {"path": None}
 

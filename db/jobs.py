@@ -20,6 +20,7 @@ from sqlalchemy import bindparam, func, or_, select, update
 from sqlalchemy.orm import Session
 
 from config.spec import InputFile, JobSpec, Published
+from db.notifications import enqueue as notify
 from db.schema import FINAL_STATES, Event, Job, JobState, utcnow
 
 # The statements of a unit of work, built once (building one costs more than running it, and a
@@ -63,6 +64,15 @@ def _dialect(session: Session) -> str:
 
 def add_event(session: Session, job_id: Optional[int], kind: str, message: str, level: str = "info") -> None:
     session.add(Event(job_id=job_id, kind=kind, message=message, level=level))
+    if kind == "alarm" and level == "error":
+        notify(session, "alarm", "qie-hotfolder alarm", message, job_id, {"message": message})
+
+
+def _notify_job(session: Session, job_id: int, event: str, message: str, **details) -> None:
+    """A notification about a job that just finished, in the transaction that finished it."""
+    name, preset = session.execute(select(Job.name, Job.preset).where(Job.id == job_id)).one()
+    payload = {"job": {"id": job_id, "name": name, "preset": preset, "state": event}, **details}
+    notify(session, event, f"qie-hotfolder: job {job_id} ({name}) {event}", message, job_id, payload)
 
 
 def create_job(session: Session, *, name: str, source: str, ingest_key: str, spec: JobSpec,
@@ -203,11 +213,13 @@ def mark_done(session: Session, job_id: int, worker: str, result: Published) -> 
     _finish(session, job_id, worker, JobState.DONE, result=result, stage=None, step=None, error=None,
             error_kind=None)
     add_event(session, job_id, "done", f"published {result.image}")
+    _notify_job(session, job_id, "done", f"published {result.image}", output=result.image, manifest=result.manifest)
 
 
 def mark_failed(session: Session, job_id: int, worker: str, error: str, kind: str) -> None:
     _finish(session, job_id, worker, JobState.FAILED, error=error, error_kind=kind, attempts=Job.attempts + 1)
     add_event(session, job_id, "failed", error, level="error")
+    _notify_job(session, job_id, "failed", error, error=error, kind=kind)
 
 
 def mark_cancelled(session: Session, job_id: int, worker: str) -> None:
@@ -273,6 +285,7 @@ def recover_abandoned(session: Session, now: datetime, is_dead, max_crashes: int
             job.error_kind = "crash"
             job.finished_at = now
             add_event(session, job.id, "failed", job.error, level="error")
+            _notify_job(session, job.id, "failed", job.error, error=job.error, kind="crash")
         else:
             job.state = JobState.QUEUED.value
             how = "stopped" if dead else "lost its lease (no heartbeat)"

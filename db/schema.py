@@ -101,7 +101,7 @@ class Job(Base):
     output_name: Mapped[Optional[str]] = mapped_column(Text)  # outbox base name, reserved before publishing
     result: Mapped[Optional[Published]] = mapped_column(PublishedColumn)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow, index=True)  # change feeds read by it
     started_at: Mapped[Optional[datetime]] = mapped_column()
     finished_at: Mapped[Optional[datetime]] = mapped_column()
     estimated_start: Mapped[Optional[datetime]] = mapped_column()  # as estimated when it was queued
@@ -109,7 +109,8 @@ class Job(Base):
 
     stage_runs: Mapped[list["StageRun"]] = relationship(back_populates="job", order_by="StageRun.id")
 
-    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),)
+    __table_args__ = (Index("ix_jobs_claim", "state", "priority", "created_at"),
+                      Index("ix_jobs_state_id", "state", "id"))  # a state's jobs, newest first (the web's lists)
 
 
 class StageRun(Base):
@@ -156,3 +157,34 @@ class Event(Base):
     level: Mapped[str] = mapped_column(String(8), default="info")
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
+
+
+class NotificationState(str, Enum):
+    PENDING = "pending"
+    DELIVERED = "delivered"
+    GAVE_UP = "gave_up"
+
+
+class Notification(Base):
+    """The durable notification outbox: one row per event (a job done or failed, an alarm),
+    written in the transaction of the change it tells about, delivered to every target by the
+    daemon's notification thread, at least once, under its idempotency ``key``."""
+
+    __tablename__ = "notifications"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(64), unique=True)  # the idempotency key receivers see
+    event: Mapped[str] = mapped_column(String(16))  # done | failed | alarm
+    job_id: Mapped[Optional[int]] = mapped_column(ForeignKey("jobs.id"), index=True)
+    title: Mapped[str] = mapped_column(Text)
+    message: Mapped[str] = mapped_column(Text)
+    payload: Mapped[dict] = mapped_column()
+    state: Mapped[str] = mapped_column(String(16), default=NotificationState.PENDING.value)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    delivered_to: Mapped[list] = mapped_column(default=list)  # ids of the targets that accepted it
+    next_attempt_at: Mapped[Optional[datetime]] = mapped_column()
+    last_error: Mapped[Optional[str]] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[Optional[datetime]] = mapped_column()
+
+    __table_args__ = (Index("ix_notifications_due", "state", "next_attempt_at"),)

@@ -340,6 +340,36 @@ def _setting_flags(args: argparse.Namespace, settings: Settings) -> list[str]:
     return flags
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from web import WebServer
+    settings = settings_from(args)
+    setup_logging(settings)
+    if settings.http_listen == "off":
+        raise UserError("http_listen is off: give --http-listen HOST:PORT")
+    open_db(settings).close()  # no database yet: say so plainly
+    server = WebServer(settings)  # a non-loopback address without a token: a configuration error
+    try:
+        return server.run()
+    except OSError as exc:
+        raise UserError(f"cannot listen on {settings.http_listen}: {exc.strerror or exc}") from exc
+
+
+def cmd_http_token(args: argparse.Namespace) -> int:
+    from web import make_token_file
+    from web.security import read_token_file
+    settings = settings_from(args)
+    path = settings.effective_http_token_file
+    token = None if args.new else read_token_file(path)
+    if token is None:
+        token = make_token_file(path)
+        print(f"wrote a new token to {path} (mode 0600); the daemon reads it at its next start")
+    else:
+        print(f"{path} already holds a token (--new replaces it)")
+    if args.show:
+        print(token)
+    return 0
+
+
 def cmd_db_upgrade(args: argparse.Namespace) -> int:
     from db import current_revision, head_revision, upgrade
     from db.database import create_db_engine
@@ -416,6 +446,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     docs = command("docs", cmd_docs, "regenerate docs/configuration.md and docs/job-file.md", settings=False)
     docs.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))
+
+    command("web", cmd_web, "serve the web pages, JSON API and /metrics from this process, reading the same "
+            "database and folders as the daemon (docs/web.md)")
+    token = command("http-token", cmd_http_token, "generate the token the web server needs on a non-loopback "
+                    "address, in http_token_file (mode 0600)")
+    token.add_argument("--new", action="store_true", help="replace an existing token")
+    token.add_argument("--show", action="store_true", help="print the token")
 
     command("db-upgrade", cmd_db_upgrade, "upgrade the database schema to this version (back it up first)")
 

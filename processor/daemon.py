@@ -38,12 +38,13 @@ import signal
 import socket
 import threading
 import time
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Optional
 
 from config import Settings
 from db import Database, jobs, utcnow
-from processor import files, retention
+from processor import files, health, retention
 from processor.estimate import queue_estimates
 from processor.faults import fault_point
 from processor.inbox_lease import AlreadyRunning, InboxLease
@@ -55,6 +56,7 @@ from processor.plan import Planner
 from processor.prefetch import Prefetcher
 from processor.runner import JobRunner
 from processor.scheduler import Scheduler
+from processor.services import Services
 from processor.store import CheckpointStore
 from processor.systemd import Notifier
 from processor.writer import Writer
@@ -174,6 +176,7 @@ class Daemon:
         self._stop_announced = False
         self._stop_lock = threading.Lock()
         self._doing: Optional[str] = None  # the last progress report, None when idle
+        self._loop_at = time.time()  # the compute loop's last sign of life (an idle round, progress, a model load)
         self._housekeeper: Optional[threading.Thread] = None
         self._housekeeper_stop = threading.Event()
         self._next_recovery = 0.0
@@ -183,6 +186,7 @@ class Daemon:
     # Start-up -------------------------------------------------------------------------------
 
     def start(self) -> None:
+        self.services = Services(self.settings, daemon=self, web=not self.once)  # refuses a web server without its token
         for folder in self.settings.folders().values():
             if folder == self.settings.inbox and not folder.parent.is_dir():
                 raise FileNotFoundError(f"the inbox's parent folder {folder.parent} does not exist")
@@ -229,6 +233,7 @@ class Daemon:
                                      inbox_lease=self.inbox_lease)
         self._housekeeper = threading.Thread(target=self._housekeeping, name="qie-housekeeper", daemon=True)
         self._housekeeper.start()
+        self.services.start(self.db)
         log.info("qie-hotfolder ready: inbox %s, outbox %s, engine %s, worker %s, stages %s%s", self.settings.inbox,
                  self.settings.outbox, self.settings.engine, self.worker,
                  ",".join(sorted(self.stages)) if self.stages is not None else "all",
@@ -408,6 +413,7 @@ class Daemon:
         ping too), and the log or the terminal's progress bar. While draining after a stop, each
         report asks systemd for ``stop_timeout`` more."""
         self._doing = text
+        self._loop_at = time.time()
         if self.stop.is_set():
             self._announce_stop()
             self.notifier.extend_timeout(self.settings.stop_timeout)
@@ -418,11 +424,13 @@ class Daemon:
     def _on_model_load(self, role: str) -> None:
         """A model load reports no progress for minutes: ask systemd for the time first."""
         log.info("loading the %s model", role)
+        self._loop_at = time.time()
         self.heartbeat.beat()
         self.notifier.extend_timeout(self.settings.model_load_timeout, f"loading the {role} model")
 
     def _idle_status(self) -> None:
         self._doing = None
+        self._loop_at = time.time()
         waiting = len(self.ingestor.waiting) if self.ingestor is not None else 0
         self.notifier.status(f"idle: watching {self.settings.inbox}"
                              + (f"; {waiting} job(s) in the inbox not ready yet" if waiting else ""))
@@ -447,8 +455,18 @@ class Daemon:
         status = {"worker": self.worker, "pid": os.getpid(), "updated_at": utcnow().isoformat() + "Z",
                   "doing": self._doing, "scheduling": self.settings.scheduling,
                   "models_loaded": {} if stopped else self.cache.sizes(), "budget_bytes": self.cache.budget_bytes,
-                  "model_cache": self.cache.stats.as_dict()}
+                  "model_cache": self.cache.stats.as_dict(), "engine": self.settings.engine,
+                  "device": self._device(),
+                  "loop_at": datetime.fromtimestamp(self._loop_at, timezone.utc).replace(tzinfo=None).isoformat() + "Z",
+                  "stall_seconds": max(self.settings.model_load_timeout, self.settings.lease_seconds),
+                  "gpu_memory": health.gpu_memory()}
         write_status_file(self.settings.work / "status" / f"{self.worker.replace('/', '_')}.json", status)
+
+    def _device(self) -> str:
+        """The engine's device, asked once it exists (it does not change)."""
+        if getattr(self, "_device_name", None) is None and self._engine is not None:
+            self._device_name = self._engine.device_name()
+        return getattr(self, "_device_name", None) or self.settings.device
 
     def _recover_when_due(self, now: float) -> None:
         if now >= self._next_recovery:
@@ -517,7 +535,8 @@ class Daemon:
     def shutdown(self) -> None:
         """Stop the threads beside the loop, hand back the job held and wait for the writer. Each
         step is tried whatever the previous one did (a full disk must not leave jobs claimed)."""
-        steps = [("ingest", self.intake.stop if self.intake is not None else None),
+        steps = [("web and notifications", self.services.stop if getattr(self, "services", None) else None),
+                 ("ingest", self.intake.stop if self.intake is not None else None),
                  ("prefetch", self.prefetcher.stop if self.prefetcher is not None else None),
                  ("housekeeper", self._stop_housekeeper)]
         if self.db is not None:

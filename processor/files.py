@@ -26,7 +26,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Optional
+from typing import BinaryIO, Callable, Iterable, Optional
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,26 @@ def copy_durably(source: Path, target: Path, mode: Optional[int] = None) -> tupl
     if mode is not None:
         os.chmod(target, mode)
     os.utime(target, ns=(source_stat.st_atime_ns, source_stat.st_mtime_ns), follow_symlinks=False)
+    return digest.hexdigest(), size
+
+
+def copy_stream(source: BinaryIO, target: Path, limit: Optional[int] = None) -> tuple[str, int]:
+    """Write what a readable stream holds to a new file (refusing an existing one), fsync, and
+    return its sha256 and size. More than ``limit`` bytes raise ``ValueError`` (the file stays
+    behind for the caller to remove with its folder)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    digest = hashlib.sha256()
+    size = 0
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "wb") as dst:
+        while block := source.read(CHUNK):
+            size += len(block)
+            if limit is not None and size > limit:
+                raise ValueError(f"more than {limit} bytes")
+            digest.update(block)
+            dst.write(block)
+        dst.flush()
+        os.fsync(dst.fileno())
     return digest.hexdigest(), size
 
 

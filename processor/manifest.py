@@ -18,7 +18,7 @@ def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, 
         "job": {"id": job.id, "name": job.name, "source": job.source,
                 "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
                 "attempts": attempts, "crashes": crashes},
-        "job_file": spec.job_file,
+        "job_file": {k: v for k, v in spec.job_file.items() if k != "notify"},  # its URLs may hold secrets
         "prompt": spec.prompt,
         "negative_prompt": spec.negative_prompt,
         "seed": spec.seed,

@@ -63,7 +63,7 @@ class Folders:
             **({"QIE_ENGINE": "diffusers", "QIE_MODEL_PATH": str(self.model)} if self.model else {"QIE_ENGINE": "fake"}),
             "QIE_SETTLE_SECONDS": "0.3", "QIE_RESCAN_INTERVAL": "1",
             "QIE_POLL_INTERVAL": "0.2", "QIE_PARTIAL_INTERVAL": "0", "QIE_CORRUPT_GRACE_SECONDS": "2", "QIE_THREADS": "1",
-            "QIE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1",
+            "QIE_LOG_LEVEL": "INFO", "PYTHONUNBUFFERED": "1", "QIE_HTTP_LISTEN": "off",
         })
         env.update(self.env_extra)
         env.update(extra)
