@@ -229,7 +229,7 @@ def test_naming_templates_are_checked_at_ingest(folders: Folders):
                for p in folders.failed.glob("*.error.json")}
     assert reports["colon"]["field"] == "name_template" and "':'" in reports["colon"]["error"]
     assert reports["typo"]["field"] == "name_template" and "unknown placeholder {nam}" in reports["typo"]["error"]
-    assert reports["long"]["field"] == "output_name" and "300 bytes, more than 200" in reports["long"]["error"]
+    assert reports["long"]["field"] == "output_name" and "is 300 bytes long; at most 200 bytes" in reports["long"]["error"]
     assert reports["bit16jpg"]["field"] == "bit_depth" and "needs output_format png" in reports["bit16jpg"]["error"]
 
 
