@@ -61,6 +61,11 @@ def host_paths() -> list[str]:
     return unique
 
 
+class CannotBoot(RuntimeError):
+    """systemd-nspawn exited before the container's systemd started: it cannot run here (an
+    unprivileged container, no cgroup access, ...); the message is its log."""
+
+
 class Container:
     """One booted container; ``run`` executes a command inside it (as root, or as ``user``)."""
 
@@ -85,7 +90,8 @@ class Container:
                                             start_new_session=True)
         deadline = time.monotonic() + timeout
         while self.leader is None:
-            self._check_alive()
+            if self.process.poll() is not None:
+                raise CannotBoot(f"systemd-nspawn exited ({self.process.returncode}): {self.log().strip()}")
             self.leader = self._find_leader()
             if time.monotonic() > deadline:
                 raise AssertionError(f"the container did not start:\n{self.log()}")
