@@ -166,7 +166,7 @@ class Container:
             time.sleep(0.1)
         detail = ""
         if unit is not None:
-            detail = self.run("journalctl", "--boot", "--no-pager", "-o", "short-monotonic", "-n", "60", "-u", unit,
+            detail = self.run("journalctl", "--boot", "--no-pager", "-o", "short-monotonic", "-n", "60", "-p", "info", "-u", unit,
                               check=False).stdout
         raise AssertionError(f"timed out waiting for {what}\n{detail}")
 
