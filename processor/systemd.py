@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
+from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_RESTART
+
 log = logging.getLogger(__name__)
 
 
@@ -179,13 +181,16 @@ def _one_line(text: str) -> str:
 
 # Exit statuses ------------------------------------------------------------------------------
 
-EXIT_CONFIGURATION = 2
-
 RESTART_PREVENT_EXIT_STATUS: dict[int, str] = {
-    EXIT_CONFIGURATION: "a configuration error, or a database that needs upgrading",
+    EXIT_CONFIGURATION: "the configuration cannot work",
+    EXIT_DATABASE: "the database is damaged, or of a schema this version does not use",
 }
-"""Exit statuses after which a restart cannot help, and why: the unit's
+"""The daemon's exit statuses after which a restart cannot help, and why: the unit's
 ``RestartPreventExitStatus=``. A new one is added here and nowhere else."""
+
+RESTART_EXIT_STATUS = EXIT_RESTART
+"""After a SIGHUP (``systemctl reload``) the daemon stops at a checkpoint and exits with this, to
+be started again with the configuration as it is then: a success that is restarted."""
 
 
 # What the machine has -----------------------------------------------------------------------
@@ -353,6 +358,12 @@ def unit_text(options: UnitOptions) -> str:
         "Restart=on-failure",
         "RestartSec=10",
         f"RestartPreventExitStatus={' '.join(str(status) for status in RESTART_PREVENT_EXIT_STATUS)}",
+        f"# systemctl reload: SIGHUP; the daemon stops at a checkpoint and exits {RESTART_EXIT_STATUS}, to be started",
+        "# again (after RestartSec) with the configuration as it is then.",
+        f"ExecReload={_quote(options.python, command=True)} -c "
+        '"import os, sys; os.kill(int(sys.argv[1]), 1)" $MAINPID',
+        f"SuccessExitStatus={RESTART_EXIT_STATUS}",
+        f"RestartForceExitStatus={RESTART_EXIT_STATUS}",
         "# A model load or a long step reports no progress: the daemon asks for more time itself",
         "# (EXTEND_TIMEOUT_USEC, setting model_load_timeout). 0 turns the watchdog off.",
         f"WatchdogSec={_seconds(options.watchdog_seconds)}",

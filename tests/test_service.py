@@ -18,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from processor.systemd import (EXIT_CONFIGURATION, RESTART_PREVENT_EXIT_STATUS, Notifier, UnitOptions, check_unit,
+from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE
+from processor.systemd import (RESTART_EXIT_STATUS, RESTART_PREVENT_EXIT_STATUS, Notifier, UnitOptions, check_unit,
                                existing_groups, gpu_device_groups, network_uses, service_groups, unit_text,
                                unit_values)
 from tests.daemon import ROOT, Folders, tiny_job
@@ -360,11 +361,15 @@ def test_protect_clock_is_left_out_where_it_would_hide_the_gpu():
 
 
 def test_restarts_are_prevented_for_every_exit_status_listed_in_one_place():
-    assert RESTART_PREVENT_EXIT_STATUS[EXIT_CONFIGURATION]
+    assert set(RESTART_PREVENT_EXIT_STATUS) == {EXIT_CONFIGURATION, EXIT_DATABASE}
     unit = unit_text(UnitOptions.example())
-    assert unit_values(unit)["RestartPreventExitStatus"] == [" ".join(map(str, RESTART_PREVENT_EXIT_STATUS))]
+    values = unit_values(unit)
+    assert values["RestartPreventExitStatus"] == [" ".join(map(str, RESTART_PREVENT_EXIT_STATUS))]
     for status, why in RESTART_PREVENT_EXIT_STATUS.items():
         assert f"#   {status}: {why}" in unit.splitlines()
+    # A reload (SIGHUP) ends in a success that is restarted.
+    assert values["SuccessExitStatus"] == values["RestartForceExitStatus"] == [str(RESTART_EXIT_STATUS)]
+    assert values["ExecReload"][0].endswith(" $MAINPID")
 
 
 def test_a_user_unit_uses_only_what_a_user_manager_can_apply():

@@ -18,7 +18,8 @@ from typing import Any, Optional
 
 import pytest
 
-from processor.systemd import EXIT_CONFIGURATION, unit_values
+from processor.cli import EXIT_CONFIGURATION
+from processor.systemd import RESTART_EXIT_STATUS, unit_values
 from tests import nspawn
 from tests.daemon import ROOT, Folders, tiny_job
 from tests.nspawn import INSIDE, CannotBoot, Container, notifications
@@ -363,6 +364,32 @@ def test_a_configuration_error_exits_with_the_status_not_restarted_and_the_journ
     assert "device" in messages[said + 1] and "tpu" in messages[said + 2]  # the field, then pydantic's reason
     assert any(f"status={EXIT_CONFIGURATION}/INVALIDARGUMENT" in m for m in messages[said:])
     assert "Service will not restart (prevented by exit status)" in " ".join(messages[said:])
+
+
+def test_systemctl_reload_restarts_the_daemon_with_the_configuration_as_it_is_then(make_service):
+    service = make_service("reload")
+    config = service.folders.root / "qie-hotfolder.toml"
+    config.write_text('log_level = "INFO"\n')
+    service.install()
+    assert service.ctl("start", service.unit, check=False).returncode == 0
+    first = service.main_pid()
+    config.write_text('log_json = true\n')  # changed while it runs
+
+    assert service.ctl("reload", service.unit, check=False).returncode == 0
+    second = service.wait_for(lambda: (pid := service.show("MainPID", "ActiveState")) and
+                              pid["ActiveState"] == "active" and pid["MainPID"] not in ("0", first) and pid["MainPID"],
+                              what="the daemon started again")
+    assert service.show("NRestarts")["NRestarts"] == "1"
+    entries = service.journal()
+    messages = _messages(entries)
+    assert any(f"Main process exited, code=exited, status={RESTART_EXIT_STATUS}/" in m for m in messages), messages[-20:]
+    assert not any("Failed with result" in m for m in messages)  # a reload is no failure
+    # The new process reads the changed file: it writes JSON lines (to standard error, so the
+    # journal has them as text), where the first one wrote to the journal natively.
+    assert any(e.get("_PID") == first and "QIE_LOGGER" in e for e in entries)
+    service.wait_for(lambda: any(e.get("_PID") == second and e.get("MESSAGE", "").startswith('{"time"')
+                                 for e in service.journal()), what="a JSON line from the new process")
+    service.ctl("stop", service.unit)
 
 
 # The network -----------------------------------------------------------------------------------
