@@ -20,8 +20,8 @@ import pytest
 
 from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE
 from processor.systemd import (RESTART_EXIT_STATUS, RESTART_PREVENT_EXIT_STATUS, Notifier, UnitOptions, check_unit,
-                               existing_groups, gpu_device_groups, network_uses, service_groups, unit_text,
-                               unit_values)
+                               existing_groups, gpu_device_groups, installed_version, network_uses, service_groups,
+                               unit_text, unit_values)
 from tests.daemon import ROOT, Folders, tiny_job
 
 
@@ -358,6 +358,19 @@ def test_protect_clock_is_left_out_where_it_would_hide_the_gpu():
         options.systemd_version = version
         values = unit_values(unit_text(options))
         assert not values.keys() & {"PrivateDevices", "DevicePolicy", "DeviceAllow", "MemoryDenyWriteExecute"}
+
+
+def test_the_systemd_version_is_read_from_systemctl_and_unknown_without_it():
+    from types import SimpleNamespace
+
+    def systemctl(*args, **kwargs):
+        return SimpleNamespace(stdout="systemd 252 (252.38-1~deb12u1)\n+PAM +AUDIT +SELINUX\n")
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("systemctl")
+
+    assert installed_version(systemctl) == 252
+    assert installed_version(missing) is None
 
 
 def test_restarts_are_prevented_for_every_exit_status_listed_in_one_place():
