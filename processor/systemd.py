@@ -204,6 +204,9 @@ GPU_DEVICES = ("nvidia*", "nvidia-caps/*", "kfd", "dri/renderD*", "dri/card*", "
 HOME_DIRECTORIES = ("/home", "/root", "/run/user")
 """What ``ProtectHome=`` hides."""
 
+TMP_DIRECTORIES = ("/tmp", "/var/tmp")
+"""What ``PrivateTmp=`` replaces with empty folders of the service's own."""
+
 _NETWORK_SETTING = re.compile(r"(_urls?$|^webhooks?(_|$)|^web_|^listen|^http_)")
 
 
@@ -271,9 +274,9 @@ def installed_version(run: Callable[..., Any] = subprocess.run) -> Optional[int]
     return int(match.group(1)) if match else None
 
 
-def in_home(path: str) -> bool:
-    """Whether ``path`` is in a directory that ``ProtectHome=`` hides."""
-    return any(Path(path) == Path(home) or Path(home) in Path(path).parents for home in HOME_DIRECTORIES)
+def within(path: str, directories: tuple[str, ...]) -> bool:
+    """Whether ``path`` is one of ``directories`` or inside one."""
+    return any(Path(path) == Path(top) or Path(top) in Path(path).parents for top in directories)
 
 
 def outermost(paths: list[str]) -> list[str]:
@@ -452,23 +455,26 @@ def _system_hardening(options: UnitOptions) -> list[str]:
 
 
 def _file_system_lines(options: UnitOptions) -> list[str]:
-    """Read-only but for the folders the daemon writes; home directories hidden, or (when the
-    service needs something in one) empty but for what it needs, bound in."""
+    """Read-only but for the folders the daemon writes; home directories hidden and /tmp private,
+    or (when the service needs something in one: a pyenv Python in /root, a checkout in /tmp)
+    empty but for what it needs, bound in."""
     writable = outermost(options.writable)
     readable = [path for path in outermost([options.python, options.run_py, options.working_directory,
                                             *([options.config_file] if options.config_file else []),
                                             *options.readable])
                 if not any(path == w or Path(w) in Path(path).parents for w in writable)]
+    hidden = HOME_DIRECTORIES + TMP_DIRECTORIES
     lines = ["# The file system is read-only but for the folders the daemon writes.",
              "ProtectSystem=strict",
-             *(f"ReadWritePaths={_quote(path)}" for path in writable if not in_home(path))]
-    if not any(in_home(path) for path in [*writable, *readable]):
-        return lines + ["ProtectHome=yes"]
+             *(f"ReadWritePaths={_quote(path)}" for path in writable if not within(path, hidden)),
+             "ProtectHome=tmpfs" if any(within(path, HOME_DIRECTORIES) for path in [*writable, *readable])
+             else "ProtectHome=yes"]
+    if not any(within(path, hidden) for path in [*writable, *readable]):
+        return lines
     return lines + [
-        "# Home directories are empty but for what the service needs from them (its Python, code or folders).",
-        "ProtectHome=tmpfs",
-        *(f"BindReadOnlyPaths={_quote(path)}" for path in readable if in_home(path)),
-        *(f"BindPaths={_quote(path)}" for path in writable if in_home(path)),
+        "# Home directories are empty, and /tmp the service's own, but for what it needs from them.",
+        *(f"BindReadOnlyPaths={_quote(path)}" for path in readable if within(path, hidden)),
+        *(f"BindPaths={_quote(path)}" for path in writable if within(path, hidden)),
     ]
 
 
@@ -577,10 +583,10 @@ def check_unit(text: str, network: Optional[list[str]] = None, default_user: str
                    for value in values.get(key, []) for path in shlex.split(value) if not path.startswith("-")]
     needed += [(path, os.R_OK, "status=226/NAMESPACE")
                for value in values.get("BindReadOnlyPaths", []) for path in shlex.split(value) if not path.startswith("-")]
-    # With ProtectHome=tmpfs the service reaches what is bound into the empty home directories
-    # through folders systemd makes, whatever the modes of the real ones (/root is 700).
+    # The service reaches what is bound into its empty home directories or its own /tmp through
+    # folders systemd makes, whatever the modes of the real ones (/root is 700).
     bound = [path for key in ("BindPaths", "BindReadOnlyPaths") for value in values.get(key, [])
-             for path in shlex.split(value)] if values.get("ProtectHome") == ["tmpfs"] else []
+             for path in shlex.split(value) if within(path, HOME_DIRECTORIES + TMP_DIRECTORIES)]
     for path, mode, failure in needed:
         path = path.replace("%%", "%")
         if not os.path.exists(path):

@@ -231,8 +231,11 @@ def test_install_service_prints_a_unit_with_this_machines_paths(folders: Folders
                      "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
                      f"Environment=QIE_INBOX={folders.inbox}"):
         assert expected in unit.splitlines(), expected
-    # The database lives in the folders' parent here, which therefore covers every folder.
-    assert [line for line in unit.splitlines() if line.startswith("ReadWritePaths=")] == [f"ReadWritePaths={folders.root}"]
+    # The database lives in the folders' parent here, which therefore covers every folder. It is
+    # in /tmp, which PrivateTmp= replaces: bound into the service's own /tmp instead.
+    writable = "BindPaths" if str(folders.root).startswith(("/tmp/", "/var/tmp/")) else "ReadWritePaths"
+    assert [line for line in unit.splitlines() if line.startswith(("ReadWritePaths=", "BindPaths="))] == \
+        [f"{writable}={folders.root}"]
     assert not [line for line in unit.splitlines() if line.startswith(("PrivateDevices=", "DevicePolicy=", "DeviceAllow="))]
 
     if shutil.which("systemd-analyze") is None:
@@ -336,16 +339,21 @@ def test_the_network_is_cut_off_unless_a_setting_needs_it():
     assert reachable["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
 
 
-def test_what_the_service_needs_from_home_directories_is_bound_into_empty_ones():
+def test_what_the_service_needs_from_home_directories_and_tmp_is_bound_into_its_empty_ones():
     options = UnitOptions.example()
-    assert unit_values(unit_text(options))["ProtectHome"] == ["yes"]
-    options.readable = ["/root/.pyenv/versions/3.11.7", "/srv/qie-hotfolder"]
-    options.writable = [*options.writable, "/home/anna/outbox"]
     values = unit_values(unit_text(options))
-    assert values["ProtectHome"] == ["tmpfs"]
-    assert values["BindReadOnlyPaths"] == ["/root/.pyenv/versions/3.11.7"]
-    assert values["BindPaths"] == ["/home/anna/outbox"]
-    assert "/home/anna/outbox" not in values["ReadWritePaths"]
+    assert (values["ProtectHome"], values["PrivateTmp"]) == (["yes"], ["yes"]) and "BindPaths" not in values
+    options.readable = ["/root/.pyenv/versions/3.11.7", "/srv/qie-hotfolder", "/tmp/ci/checkout"]
+    options.writable = [*options.writable, "/home/anna/outbox", "/var/tmp/qie/work"]
+    values = unit_values(unit_text(options))
+    assert (values["ProtectHome"], values["PrivateTmp"]) == (["tmpfs"], ["yes"])
+    assert values["BindReadOnlyPaths"] == ["/tmp/ci/checkout", "/root/.pyenv/versions/3.11.7"]
+    assert values["BindPaths"] == ["/home/anna/outbox", "/var/tmp/qie/work"]
+    assert not {"/home/anna/outbox", "/var/tmp/qie/work"} & set(values["ReadWritePaths"])
+    # Only /tmp: home directories stay hidden.
+    options.readable, options.writable = ["/tmp/ci/checkout"], ["/srv/qie-hotfolder/inbox"]
+    values = unit_values(unit_text(options))
+    assert values["ProtectHome"] == ["yes"] and values["BindReadOnlyPaths"] == ["/tmp/ci/checkout"]
 
 
 def test_protect_clock_is_left_out_where_it_would_hide_the_gpu():

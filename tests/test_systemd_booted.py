@@ -349,8 +349,8 @@ def test_a_configuration_error_exits_with_the_status_not_restarted_and_the_journ
                                                                                              make_service):
     service = make_service("config", manager)
     (service.folders.root / "qie-hotfolder.toml").write_text('log_level = "INFO"\n')
-    unit = service.install()
-    assert f"RestartPreventExitStatus={EXIT_CONFIGURATION}" in unit.splitlines()
+    unit = unit_values(service.install())
+    assert str(EXIT_CONFIGURATION) in unit["RestartPreventExitStatus"][0].split()
     (service.folders.root / "qie-hotfolder.toml").write_text('device = "tpu"\n')  # broken after installing
 
     assert service.ctl("start", service.unit, check=False).returncode != 0
