@@ -152,7 +152,9 @@ class Container:
         return dict(line.split("=", 1) for line in result.stdout.splitlines() if "=" in line)
 
     def journal(self, *match: str) -> list[dict[str, Any]]:
-        """Journal entries (``journalctl -o json``) of this boot matching ``match``."""
+        """Journal entries (``journalctl -o json``) of this boot matching ``match``, with every
+        message sent so far (journald reads its sockets on its own time: ``--sync`` waits)."""
+        self.run("journalctl", "--sync")
         result = self.run("journalctl", "--boot", "--no-pager", "--output=json", "--all", *match)
         return [json.loads(line) for line in result.stdout.splitlines() if line.strip()]
 

@@ -259,11 +259,14 @@ def test_the_journal_carries_the_job_and_the_stage_as_fields(box, published):
 def test_a_record_too_large_for_a_datagram_reaches_the_real_journal(box):
     big = "x" * 300_000  # beyond the 208 KiB a unix datagram may carry by default: sent as a memfd
     code = ("import logging; from processor.logs import configure; configure('INFO'); "
-            f"logging.getLogger('qie.test').info('%s', {big[:1]!r} * {len(big)})")
+            f"logging.getLogger('qie.test.big-record').info('%s', {big[:1]!r} * {len(big)})")
     box.run("systemd-run", "--wait", "--quiet", "--unit=qie-big-record", f"--working-directory={ROOT}",
             sys.executable, "-c", code)
-    entries = box.journal("_SYSTEMD_UNIT=qie-big-record.service", "QIE_LOGGER=qie.test")
-    assert [entry["MESSAGE"] for entry in entries] == [f"qie.test: {big}"]
+    # (Matched by its logger: journald may read the memfd after the process has gone, too late to
+    # learn its unit.)
+    entries = box.journal("QIE_LOGGER=qie.test.big-record")
+    assert [entry["MESSAGE"] for entry in entries] == [f"qie.test.big-record: {big}"]
+    assert entries[0]["_TRANSPORT"] == "journal" and entries[0]["SYSLOG_IDENTIFIER"] == "qie-hotfolder"
 
 
 def test_the_gpu_devices_stay_reachable_under_the_hardened_unit(main_run):
@@ -361,7 +364,8 @@ def test_a_configuration_error_exits_with_the_status_not_restarted_and_the_journ
     messages = _messages(service.journal())
     said = next(i for i, m in enumerate(messages) if m.startswith("configuration error: invalid configuration"))
     assert str(service.folders.root / "qie-hotfolder.toml").replace(str(box.folder), INSIDE) in messages[said]
-    assert "device" in messages[said + 1] and "tpu" in messages[said + 2]  # the field, then pydantic's reason
+    said_why = " ".join(messages[said:said + 3])  # one line, or the field and the reason on lines of their own
+    assert "device" in said_why and "input_value='tpu'" in said_why
     assert any(f"status={EXIT_CONFIGURATION}/INVALIDARGUMENT" in m for m in messages[said:])
     assert "Service will not restart (prevented by exit status)" in " ".join(messages[said:])
 
@@ -436,7 +440,7 @@ def test_a_unit_written_when_nothing_used_the_network_cannot_reach_a_server_conf
     assert service.ctl("start", service.unit, check=False).returncode != 0
     messages = _messages(service.journal())
     # libpq's socket() is refused (RestrictAddressFamilies=AF_UNIX); it reports little more than that.
-    assert any(m.startswith("psycopg.OperationalError") for m in messages), [m for m in messages if "rror" in m]
+    assert any("cannot use the database postgresql" in m for m in messages), [m for m in messages if "data" in m]
     service.ctl("stop", service.unit, check=False)  # no restart every 10 s meanwhile
 
     doctor = box.python("doctor", "--json", "--unit", f"/etc/systemd/system/{service.unit}.service",
