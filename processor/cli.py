@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import shutil
@@ -246,7 +247,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from processor.report import doctor, doctor_text
     settings = settings_from(args)
-    report = doctor(settings)
+    report = doctor(settings, [Path(unit) for unit in args.unit] if args.unit else None)
     print(json.dumps(report, indent=2, default=str) if args.json else doctor_text(report))
     return 0 if report["ok"] else 1
 
@@ -283,17 +284,22 @@ def cmd_install_service(args: argparse.Namespace) -> int:
     config = Path(args.config) if args.config else Path(DEFAULT_CONFIG_FILE)
     user = None if args.user_unit else (args.run_as or os.environ.get("SUDO_USER") or getpass.getuser())
     state = settings.state if settings.database_url is None else None
+    network = systemd.network_uses(settings.model_dump())
     options = systemd.UnitOptions(
         python=sys.executable, run_py=str(root / "run.py"), working_directory=os.getcwd(),
         config_file=str(config.resolve()) if config.is_file() else None,
-        writable=systemd.writable_paths(settings.folders(), state), user=user,
-        groups=[] if args.user_unit else systemd.existing_groups(["video", "render"]),
-        user_unit=args.user_unit, watchdog_seconds=settings.watchdog_seconds, stop_timeout=settings.stop_timeout,
+        writable=systemd.writable_paths(settings.folders(), state), readable=systemd.readable_paths(settings, root),
+        user=user, groups=[] if args.user_unit else systemd.service_groups(),
+        user_unit=args.user_unit, network=network, systemd_version=systemd.installed_version(),
+        watchdog_seconds=settings.watchdog_seconds, stop_timeout=settings.stop_timeout,
         extra_args=_setting_flags(args, settings),
         environment={k: v for k, v in os.environ.items() if k.startswith("QIE_")})
     text = systemd.unit_text(options)
+    check = functools.partial(systemd.check_unit, text, network, user or getpass.getuser())
     if args.print_only:
         print(text, end="")
+        for problem in check():
+            print(f"note: {problem}", file=sys.stderr)
         return 0
     if args.output:
         target = Path(args.output)
@@ -301,8 +307,10 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         target = Path.home() / ".config" / "systemd" / "user" / f"{args.name}.service"
     else:
         target = Path("/etc/systemd/system") / f"{args.name}.service"
-    for folder in [*settings.folders().values(), *([state.parent] if state else [])]:
-        folder.mkdir(parents=True, exist_ok=True)  # ReadWritePaths= of a missing folder stops the unit
+    _make_folders([*settings.folders().values(), *([state.parent] if state else [])], user)
+    problems = check()
+    if problems:  # a unit that cannot start is not written
+        raise UserError("the unit would not work:\n  " + "\n  ".join(problems))
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(text)
@@ -323,6 +331,22 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         print(f"note: the database is in the working folder, so all of {state.parent} is writable for the service; "
               "set `state` to a file in a folder of its own for tighter sandboxing", file=sys.stderr)
     return 0
+
+
+def _make_folders(folders: list[Path], user: Optional[str]) -> None:
+    """Create the folders the unit names (``ReadWritePaths=`` of a missing one stops it); those
+    created as root for another account are given to that account."""
+    import os
+    import pwd
+    try:
+        owner = pwd.getpwnam(user) if user and user != "root" and os.geteuid() == 0 else None
+    except KeyError:
+        owner = None  # the check that follows says so
+    for folder in folders:
+        created = [path for path in (folder, *folder.parents) if not path.exists()]
+        folder.mkdir(parents=True, exist_ok=True)
+        for path in created if owner is not None else ():
+            os.chown(path, owner.pw_uid, owner.pw_gid)
 
 
 def _setting_flags(args: argparse.Namespace, settings: Settings) -> list[str]:
@@ -441,8 +465,11 @@ def build_parser() -> argparse.ArgumentParser:
                    "print where the result is (outputs are noise)", settings=False)
     demo.add_argument("--folder", default="demo", help="demo folder (default: ./demo)")
 
-    doctor_cmd = command("doctor", cmd_doctor, "check the engine, model files, device and free memory")
+    doctor_cmd = command("doctor", cmd_doctor, "check the engine, model files, device and free memory, and "
+                         "whether the installed systemd unit can start")
     doctor_cmd.add_argument("--json", action="store_true")
+    doctor_cmd.add_argument("--unit", action="append", metavar="FILE",
+                            help="check this unit file (default: the installed qie-hotfolder units)")
 
     docs = command("docs", cmd_docs, "regenerate docs/configuration.md and docs/job-file.md", settings=False)
     docs.add_argument("--out", default=str(Path(__file__).resolve().parent.parent / "docs"))

@@ -257,6 +257,9 @@ class Daemon:
     def engine(self) -> Engine:
         """The engine, created (and its models found) on first use."""
         if self._engine is None:
+            # Importing the engine's libraries (and building the tiny model) reports no progress
+            # for seconds, minutes from a cold disk: ask systemd for the time, as for a model load.
+            self.notifier.extend_timeout(self.settings.model_load_timeout, f"starting the {self.settings.engine} engine")
             ensure_tiny_model(self.settings)
             if self.cache.budget_bytes is None:
                 # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.

@@ -11,14 +11,24 @@ JSON:  ``{"time": ..., "level": "INFO", "logger": ..., "message": ..., "job": 12
 
 When standard error is a terminal (and not JSON), sampling steps draw one progress bar line that
 log records scroll past; elsewhere (the journal, a file) each step is an ordinary log line.
+
+Under systemd, when standard error is the journal (``$JOURNAL_STREAM`` names it), records go to
+the journal natively instead, each with its fields: ``PRIORITY``, ``CODE_FILE``/``LINE``/``FUNC``,
+and ``QIE_JOB``, ``QIE_STAGE`` and ``QIE_LOGGER``, so ``journalctl QIE_JOB=12`` is one job's
+story. The message keeps the ``[job 12 sample]`` tag, for ``journalctl -o cat``.
 """
 
 from __future__ import annotations
 
+import array
+import errno
+import fcntl
 import json
 import logging
 import os
 import re
+import socket
+import struct
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -142,15 +152,118 @@ class TerminalHandler(logging.StreamHandler):
             self.release()
 
 
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+JOURNAL_FORMAT = "%(name)s: %(job_tag)s%(message)s"
+SYSLOG_IDENTIFIER = "qie-hotfolder"
+_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3, logging.CRITICAL: 2}
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+
+
+class JournalHandler(logging.Handler):
+    """Sends each record to the journal in its native protocol: one datagram of ``NAME=value``
+    fields (a value holding a newline goes as name, length, bytes). A record too large for a
+    datagram goes as a sealed memfd, as ``sd_journal_send`` does. Should the journal be
+    unreachable, records go to ``fallback`` (standard error, which systemd also reads)."""
+
+    def __init__(self, fallback: TextIO, address: str = JOURNAL_SOCKET, identifier: str = SYSLOG_IDENTIFIER):
+        super().__init__()
+        self.address = address
+        self.identifier = identifier
+        self.fallback = logging.StreamHandler(fallback)
+        self.fallback.setFormatter(TextFormatter(TEXT_FORMAT))
+        self._socket: Optional[socket.socket] = None
+        self.setFormatter(TextFormatter(JOURNAL_FORMAT))
+
+    def fields(self, record: logging.LogRecord) -> dict[str, str]:
+        fields = {"MESSAGE": self.format(record),
+                  "PRIORITY": str(_PRIORITY.get(record.levelno, 6 if record.levelno < logging.WARNING else 3)),
+                  "SYSLOG_IDENTIFIER": self.identifier, "QIE_LOGGER": record.name,
+                  "CODE_FILE": record.pathname, "CODE_LINE": str(record.lineno), "CODE_FUNC": record.funcName}
+        if getattr(record, "job_id", None) is not None:
+            fields["QIE_JOB"] = str(record.job_id)
+            if getattr(record, "stage", None):
+                fields["QIE_STAGE"] = str(record.stage)
+        return fields
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            data = encode_journal_fields(self.fields(record))
+        except Exception:  # noqa: BLE001 - logging must not raise (logging.Handler convention)
+            self.handleError(record)
+            return
+        try:
+            self._send(data)
+        except OSError:
+            self.fallback.handle(record)
+
+    def _send(self, data: bytes) -> None:
+        if self._socket is None:
+            self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            self._socket.sendto(data, self.address)
+        except OSError as exc:
+            if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                raise
+            fd = os.memfd_create("qie-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+            try:
+                os.write(fd, data)
+                fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+                rights = (socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]))
+                self._socket.sendmsg([b""], [rights], 0, self.address)  # (socket.send_fds ignores the address)
+            finally:
+                os.close(fd)
+
+    def close(self) -> None:
+        self.acquire()
+        try:
+            if self._socket is not None:
+                self._socket.close()
+                self._socket = None
+        finally:
+            self.release()
+        super().close()
+
+
+def encode_journal_fields(fields: dict[str, str]) -> bytes:
+    """The journal's native wire format for ``fields``."""
+    parts = []
+    for name, value in fields.items():
+        raw = value.encode("utf-8", "replace")
+        if b"\n" in raw:
+            parts.append(name.encode() + b"\n" + struct.pack("<Q", len(raw)) + raw + b"\n")
+        else:
+            parts.append(name.encode() + b"=" + raw + b"\n")
+    return b"".join(parts)
+
+
+def is_journal(stream: TextIO, environ: Optional[dict] = None) -> bool:
+    """Whether ``stream`` is the journal stream systemd connected (``$JOURNAL_STREAM`` is its
+    ``device:inode``; a redirected stream no longer matches)."""
+    value = (os.environ if environ is None else environ).get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not (device.isdigit() and inode.isdigit()):
+        return False
+    try:
+        info = os.fstat(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return False
+    return (info.st_dev, info.st_ino) == (int(device), int(inode))
+
+
 _terminal: dict[str, Optional[TerminalHandler]] = {"handler": None}
 
 
 def configure(level: str = "INFO", json_lines: bool = False, stream: Optional[TextIO] = None) -> logging.Handler:
-    """Send every log record to ``stream`` (standard error) as text or JSON lines."""
+    """Send every log record to ``stream`` (standard error) as text or JSON lines; to the
+    journal, with fields, when ``stream`` is the journal and JSON lines were not asked for."""
     stream = stream if stream is not None else sys.stderr
     terminal = not json_lines and _is_terminal(stream)
-    handler: logging.Handler = TerminalHandler(stream) if terminal else logging.StreamHandler(stream)
-    handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
+    handler: logging.Handler
+    if not json_lines and is_journal(stream):
+        handler = JournalHandler(stream)
+    else:
+        handler = TerminalHandler(stream) if terminal else logging.StreamHandler(stream)
+        handler.setFormatter(JsonFormatter() if json_lines else TextFormatter(TEXT_FORMAT))
     handler.addFilter(JobContextFilter())
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -187,7 +300,7 @@ def report_progress(logger: logging.Logger, text: str) -> None:
         return
     if terminal is not None:
         terminal.end_progress()
-    logger.info("%s", text)
+    logger.info("%s", text, stacklevel=2)  # the caller's file and line, not this one
 
 
 def parse_step(text: str) -> Optional[tuple[int, int]]:

@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from datetime import timedelta, timezone
+from pathlib import Path
 from typing import Any, Optional
 
 from config import Settings
@@ -161,8 +162,9 @@ def job_detail_text(d: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def doctor(settings: Settings) -> dict[str, Any]:
-    """Engine importable, model files found, device and free memory."""
+def doctor(settings: Settings, units: Optional[list[Path]] = None) -> dict[str, Any]:
+    """Engine importable, model files found, device and free memory; and whether the systemd
+    units installed (or ``units``) can start: their user, groups, program and folders."""
     report: dict[str, Any] = {"engine": settings.engine, "checks": []}
 
     def check(name: str, ok: bool, detail: str) -> None:
@@ -196,8 +198,26 @@ def doctor(settings: Settings) -> dict[str, Any]:
                 report[found.check] = found.data
     except ImportError as exc:
         check(settings.engine, False, f"engine not available: {exc}")
+    _doctor_units(settings, check, units)
     report["ok"] = all(c["ok"] for c in report["checks"])
     return report
+
+
+def _doctor_units(settings: Settings, check, units: Optional[list[Path]]) -> None:
+    import getpass
+    from processor import systemd
+    if units is None:
+        units = [path for path in systemd.installed_units() if path.is_file()]
+    network = systemd.network_uses(settings.model_dump())
+    for path in units:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            check(f"unit {path}", False, f"cannot be read: {exc.strerror}")
+            continue
+        user_unit = systemd.unit_values(text, "Install").get("WantedBy") == ["default.target"]
+        problems = systemd.check_unit(text, network, getpass.getuser() if user_unit else "root")
+        check(f"unit {path}", not problems, "; ".join(problems) or "its user, groups, program and folders are there")
 
 
 def doctor_text(report: dict[str, Any]) -> str:

@@ -1,5 +1,5 @@
 """A private PostgreSQL server for tests: its own cluster in a temporary folder, reached over a
-unix socket in that folder, gone when the tests end.
+unix socket in that folder (and, with ``tcp=True``, on 127.0.0.1), gone when the tests end.
 
 ``PostgresServer.start()`` raises ``Unavailable`` with the reason when there is no PostgreSQL
 to start (not installed, no ``postgres`` account to run it as root, no psycopg); the fixtures
@@ -50,8 +50,9 @@ def _free_port() -> int:
 
 
 class PostgresServer:
-    def __init__(self, root: Path, port: int, bindir: Path, run_as: Optional[str]):
+    def __init__(self, root: Path, port: int, bindir: Path, run_as: Optional[str], tcp: bool = False):
         self.root = root
+        self.tcp = tcp  # listens on 127.0.0.1 too
         self.port = port
         self.bindir = bindir
         self.run_as = run_as  # the account the server runs as (None: this one)
@@ -60,7 +61,7 @@ class PostgresServer:
         self._databases = 0
 
     @classmethod
-    def start(cls) -> "PostgresServer":
+    def start(cls, tcp: bool = False) -> "PostgresServer":
         try:
             import psycopg  # noqa: F401
         except ImportError as exc:
@@ -80,7 +81,7 @@ class PostgresServer:
         os.chmod(root, 0o700)
         if run_as is not None:
             os.chown(root, account.pw_uid, account.pw_gid)
-        server = cls(root, _free_port(), bindir, run_as)
+        server = cls(root, _free_port(), bindir, run_as, tcp)
         try:
             server._initdb()
             server._pg_ctl("start")
@@ -113,12 +114,15 @@ class PostgresServer:
                   "--encoding=UTF8", "--locale=C", "--no-sync")
 
     def _pg_ctl(self, action: str) -> None:
-        options = (f"-p {self.port} -k {self.root} -c listen_addresses='' -c fsync=off "
+        options = (f"-p {self.port} -k {self.root} -c listen_addresses='{'127.0.0.1' if self.tcp else ''}' -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", str(self.log), "-o", options,
                   "-w", "-t", "60", action)
 
-    def url(self, database: str = "postgres") -> str:
+    def url(self, database: str = "postgres", tcp: bool = False) -> str:
+        """The SQLAlchemy URL of ``database``, over the unix socket or (``tcp``) 127.0.0.1."""
+        if tcp:
+            return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/{database}"
         return f"postgresql+psycopg://postgres@/{database}?host={self.root}&port={self.port}"
 
     def connect(self, database: str = "postgres"):
@@ -126,13 +130,13 @@ class PostgresServer:
         return psycopg.connect(host=str(self.root), port=self.port, user="postgres", dbname=database,
                                autocommit=True)
 
-    def create_database(self, prefix: str = "qie") -> str:
+    def create_database(self, prefix: str = "qie", tcp: bool = False) -> str:
         """A new empty database; returns its SQLAlchemy URL."""
         self._databases += 1
         name = f"{prefix}_{os.getpid()}_{self._databases}_{time.monotonic_ns() % 1_000_000}"
         with self.connect() as conn:
             conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
+        return self.url(name, tcp)
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():

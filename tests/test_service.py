@@ -3,19 +3,25 @@ by signal, and the unit file. The daemon is the real process."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
-from processor.systemd import Notifier, UnitOptions, unit_text
+from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE
+from processor.systemd import (RESTART_EXIT_STATUS, RESTART_PREVENT_EXIT_STATUS, Notifier, UnitOptions, check_unit,
+                               existing_groups, gpu_device_groups, installed_version, network_uses, service_groups,
+                               unit_text, unit_values)
 from tests.daemon import ROOT, Folders, tiny_job
 
 
@@ -225,9 +231,12 @@ def test_install_service_prints_a_unit_with_this_machines_paths(folders: Folders
                      "ProtectSystem=strict", "NoNewPrivileges=yes", "PrivateTmp=yes",
                      f"Environment=QIE_INBOX={folders.inbox}"):
         assert expected in unit.splitlines(), expected
-    # The database lives in the folders' parent here, which therefore covers every folder.
-    assert [line for line in unit.splitlines() if line.startswith("ReadWritePaths=")] == [f"ReadWritePaths={folders.root}"]
-    assert "PrivateDevices" not in unit.replace("Do not set PrivateDevices=", "")
+    # The database lives in the folders' parent here, which therefore covers every folder. It is
+    # in /tmp, which PrivateTmp= replaces: bound into the service's own /tmp instead.
+    writable = "BindPaths" if str(folders.root).startswith(("/tmp/", "/var/tmp/")) else "ReadWritePaths"
+    assert [line for line in unit.splitlines() if line.startswith(("ReadWritePaths=", "BindPaths="))] == \
+        [f"{writable}={folders.root}"]
+    assert not [line for line in unit.splitlines() if line.startswith(("PrivateDevices=", "DevicePolicy=", "DeviceAllow="))]
 
     if shutil.which("systemd-analyze") is None:
         pytest.skip("systemd-analyze is not installed")
@@ -237,3 +246,182 @@ def test_install_service_prints_a_unit_with_this_machines_paths(folders: Folders
     if "Failed to" in verify.stderr and "bus" in verify.stderr.lower():
         pytest.skip(f"systemd-analyze cannot run here: {verify.stderr.strip()}")
     assert verify.returncode == 0, verify.stderr
+
+
+def test_install_service_refuses_a_unit_whose_account_does_not_exist(folders: Folders):
+    target = folders.root / "qie.service"
+    result = folders.run("install-service", "--run-as", "no-such-account", "--output", str(target))
+    assert result.returncode == 1
+    assert "user no-such-account does not exist (the unit fails with status=217/USER)" in result.stderr
+    assert not target.exists()
+
+
+def test_doctor_reports_a_unit_whose_user_groups_or_paths_are_missing(folders: Folders):
+    unit = unit_text(UnitOptions(python=sys.executable, run_py=str(ROOT / "run.py"), working_directory=str(folders.root),
+                                 config_file=str(folders.root / "gone.toml"),
+                                 writable=[str(folders.work), str(folders.root / "gone")], user="no-such-account",
+                                 groups=["video", "no-such-group"], network=[]))
+    path = folders.root / "qie.service"
+    path.write_text(unit)
+    result = folders.run("doctor", "--json", "--unit", str(path), QIE_DATABASE_URL="postgresql://db.example/qie")
+    assert result.returncode == 1
+    check = next(c for c in json.loads(result.stdout)["checks"] if c["check"] == f"unit {path}")
+    assert not check["ok"]
+    for expected in ("user no-such-account does not exist", "group no-such-group does not exist",
+                     f"{folders.root / 'gone.toml'} does not exist (the daemon exits with status 2)",
+                     f"{folders.root / 'gone'} does not exist (status=226/NAMESPACE)",
+                     "cuts the service off the network, which database_url needs"):
+        assert expected in check["detail"], check["detail"]
+    assert str(folders.work) not in check["detail"]  # present and writable
+
+
+def test_doctor_passes_a_unit_install_service_wrote(folders: Folders):
+    path = folders.root / "qie.service"
+    assert folders.run("install-service", "--output", str(path)).returncode == 0
+    result = folders.run("doctor", "--json", "--unit", str(path))
+    check = next(c for c in json.loads(result.stdout)["checks"] if c["check"] == f"unit {path}")
+    assert check["ok"], check["detail"]
+
+
+def test_a_folder_the_services_account_may_not_write_is_named():
+    import pwd
+    nobody = pwd.getpwnam("nobody")
+    if os.getuid() == nobody.pw_uid:
+        pytest.skip("this test runs as nobody")
+    with tempfile.TemporaryDirectory() as base:  # (pytest's tmp_path lies in a folder only its owner may enter)
+        os.chmod(base, 0o755)
+        folder = Path(base) / "outbox"
+        folder.mkdir(mode=0o755)
+        unit = f"[Service]\nUser=nobody\nReadWritePaths={folder}\n"
+        assert check_unit(unit) == [f"nobody may not write {folder} (owner {pwd.getpwuid(os.getuid()).pw_name}, "
+                                    "mode 755): change its owner or mode"]
+        folder.chmod(0o777)
+        assert check_unit(unit) == []
+        os.chmod(base, 0o700)  # the folder is fine, the way to it is not
+        assert check_unit(unit) == [f"nobody may not write {folder} (owner {pwd.getpwuid(os.getuid()).pw_name}, "
+                                    "mode 777): change its owner or mode"]
+
+
+def test_only_gpu_groups_this_machine_has_are_named(tmp_path):
+    groups = service_groups()
+    assert groups == existing_groups(groups)
+    assert set(groups) >= set(existing_groups(["render", "video"]))
+    if os.geteuid() != 0:
+        pytest.skip("making device nodes needs root")
+    import grp
+    video = existing_groups(["video"])
+    if not video:
+        pytest.skip("no video group here")
+    (tmp_path / "dri").mkdir()
+    os.mknod(tmp_path / "dri" / "renderD128", 0o660 | stat.S_IFCHR, os.makedev(226, 128))
+    os.chown(tmp_path / "dri" / "renderD128", 0, grp.getgrnam("video").gr_gid)
+    os.mknod(tmp_path / "nvidiactl", 0o666 | stat.S_IFCHR, os.makedev(195, 255))
+    os.chmod(tmp_path / "nvidiactl", 0o666)  # usable by everyone: no group needed
+    assert gpu_device_groups(tmp_path) == ["video"]
+
+
+def test_what_needs_the_network_is_read_from_the_settings():
+    assert network_uses({"database_url": None, "state": "state.db"}) == []
+    assert network_uses({"database_url": "sqlite:////var/lib/qie/state.db"}) == []
+    assert network_uses({"database_url": "postgresql+psycopg://qie@db/qie"}) == ["database_url"]
+    assert network_uses({"webhook_url": "https://example.com/hook", "web_listen": "0.0.0.0:8080",
+                         "listen_port": 0}) == ["webhook_url", "web_listen"]
+
+
+def test_the_network_is_cut_off_unless_a_setting_needs_it():
+    options = UnitOptions.example()
+    cut_off = unit_values(unit_text(options))
+    assert (cut_off["PrivateNetwork"], cut_off["IPAddressDeny"], cut_off["RestrictAddressFamilies"]) == \
+        (["yes"], ["any"], ["AF_UNIX"])
+    options.network = ["database_url"]
+    reachable = unit_values(unit_text(options))
+    assert "PrivateNetwork" not in reachable and "IPAddressDeny" not in reachable
+    assert reachable["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+
+
+def test_what_the_service_needs_from_home_directories_and_tmp_is_bound_into_its_empty_ones():
+    options = UnitOptions.example()
+    values = unit_values(unit_text(options))
+    assert (values["ProtectHome"], values["PrivateTmp"]) == (["yes"], ["yes"]) and "BindPaths" not in values
+    options.readable = ["/root/.pyenv/versions/3.11.7", "/srv/qie-hotfolder", "/tmp/ci/checkout"]
+    options.writable = [*options.writable, "/home/anna/outbox", "/var/tmp/qie/work"]
+    values = unit_values(unit_text(options))
+    assert (values["ProtectHome"], values["PrivateTmp"]) == (["tmpfs"], ["yes"])
+    assert values["BindReadOnlyPaths"] == ["/tmp/ci/checkout", "/root/.pyenv/versions/3.11.7"]
+    assert values["BindPaths"] == ["/home/anna/outbox", "/var/tmp/qie/work"]
+    assert not {"/home/anna/outbox", "/var/tmp/qie/work"} & set(values["ReadWritePaths"])
+    # Only /tmp: home directories stay hidden.
+    options.readable, options.writable = ["/tmp/ci/checkout"], ["/srv/qie-hotfolder/inbox"]
+    values = unit_values(unit_text(options))
+    assert values["ProtectHome"] == ["yes"] and values["BindReadOnlyPaths"] == ["/tmp/ci/checkout"]
+
+
+def test_protect_clock_is_left_out_where_it_would_hide_the_gpu():
+    # Before systemd 252, ProtectClock=yes implied DeviceAllow=char-rtc, which closes every other device.
+    options = UnitOptions.example()
+    assert unit_values(unit_text(options))["ProtectClock"] == ["yes"]
+    options.systemd_version = 251
+    assert "ProtectClock" not in unit_values(unit_text(options))
+    for version in (None, 251, 252):
+        options.systemd_version = version
+        values = unit_values(unit_text(options))
+        assert not values.keys() & {"PrivateDevices", "DevicePolicy", "DeviceAllow", "MemoryDenyWriteExecute"}
+
+
+def test_the_systemd_version_is_read_from_systemctl_and_unknown_without_it():
+    from types import SimpleNamespace
+
+    def systemctl(*args, **kwargs):
+        return SimpleNamespace(stdout="systemd 252 (252.38-1~deb12u1)\n+PAM +AUDIT +SELINUX\n")
+
+    def missing(*args, **kwargs):
+        raise FileNotFoundError("systemctl")
+
+    assert installed_version(systemctl) == 252
+    assert installed_version(missing) is None
+
+
+def test_restarts_are_prevented_for_every_exit_status_listed_in_one_place():
+    assert set(RESTART_PREVENT_EXIT_STATUS) == {EXIT_CONFIGURATION, EXIT_DATABASE}
+    unit = unit_text(UnitOptions.example())
+    values = unit_values(unit)
+    assert values["RestartPreventExitStatus"] == [" ".join(map(str, RESTART_PREVENT_EXIT_STATUS))]
+    for status, why in RESTART_PREVENT_EXIT_STATUS.items():
+        assert f"#   {status}: {why}" in unit.splitlines()
+    # A reload (SIGHUP) ends in a success that is restarted.
+    assert values["SuccessExitStatus"] == values["RestartForceExitStatus"] == [str(RESTART_EXIT_STATUS)]
+    assert values["ExecReload"][0].endswith(" $MAINPID")
+
+
+def test_a_user_unit_uses_only_what_a_user_manager_can_apply():
+    options = UnitOptions.example()
+    options.user_unit = True
+    values = unit_values(unit_text(options))
+    assert not values.keys() & {"User", "SupplementaryGroups", "ProtectSystem", "ProtectHome", "PrivateTmp",
+                                "PrivateNetwork", "CapabilityBoundingSet", "ReadWritePaths", "IPAddressDeny"}
+    assert values["SystemCallFilter"] == ["@system-service", "~@privileged:EPERM"]
+    assert values["NoNewPrivileges"] == ["yes"] and values["RestrictAddressFamilies"] == ["AF_UNIX"]
+
+
+def _exposure(unit: str, folder) -> tuple[int, str]:
+    path = folder / "qie-hotfolder.service"
+    path.write_text(unit)
+    result = subprocess.run(["systemd-analyze", "security", "--offline=true", "--threshold=20", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    return result.returncode, (result.stdout.strip().splitlines() or [result.stderr])[-1]
+
+
+@pytest.mark.parametrize("user", ["qie", "root"])
+@pytest.mark.parametrize("network", [[], ["database_url"]], ids=["no-network", "postgresql"])
+@pytest.mark.parametrize("home", [[], ["/root/.pyenv/versions/3.11.7"]], ids=["python-in-usr", "python-in-root"])
+def test_systemd_analyze_security_rates_the_unit_at_most_2_0_as_root_and_as_a_service_user(tmp_path, user, network,
+                                                                                          home):
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    options = UnitOptions.example()
+    options.user, options.network, options.readable = user, network, [*options.readable, *home]
+    code, verdict = _exposure(unit_text(options), tmp_path)
+    if "--offline" in verdict or "unrecognized option" in verdict:
+        pytest.skip(f"this systemd-analyze cannot rate a unit file offline: {verdict}")
+    exposure = float(verdict.split(": ")[1].split()[0])
+    assert code == 0 and exposure <= 2.0, verdict
