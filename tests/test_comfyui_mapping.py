@@ -148,8 +148,10 @@ def test_prepared_images_become_comfy_images_like_load_image():
     expected = torch.from_numpy(image.numpy().astype("float32") / 255.0)  # LoadImage's arithmetic
     assert torch.equal(comfy[0], expected)
     assert torch.equal(m.from_comfy_image(comfy), comfy[0])
+    scaled = torch.rand(5, 7, 3, generator=torch.Generator().manual_seed(1))  # a float method's values
+    assert torch.equal(m.to_comfy_image(scaled.numpy())[0], scaled)
     with pytest.raises(MappingError):
-        m.to_comfy_image(image.float())
+        m.to_comfy_image(image.double())
     with pytest.raises(MappingError):
         m.from_comfy_image(torch.zeros(2, 5, 7, 3))
 
