@@ -245,7 +245,9 @@ class Daemon:
                     self.stop.wait(1.0)
                     busy = False
                 self.notifier.watchdog()
-                if self.once and not busy and not self._settling() and not self._work_left():
+                # A job ingested while this round ran (work_arrived) is looked at before leaving.
+                if self.once and not busy and not self.work_arrived.is_set() and not self._settling() \
+                        and not self._work_left():
                     break
                 if not busy:
                     self._idle_status()
