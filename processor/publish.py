@@ -33,7 +33,7 @@ from db import Database, Job, checkpoints, jobs, utcnow
 from processor import files
 from processor.faults import fault_point
 from processor.inbox import move_files, remove_empty_dirs, unique_path
-from processor.manifest import build_manifest
+from processor.manifest import build_manifest, engine_text
 from processor.plan import FINAL, JobPlan
 from stages import Engine
 
@@ -105,7 +105,7 @@ def publish_job(settings: Settings, db: Database, worker: str, job: Job, plan: J
     image = final["image"]
     text = {"parameters": json.dumps({"prompt": spec.prompt, "negative_prompt": spec.negative_prompt,
                                       "seed": spec.seed, **params.model_dump(mode="json")}, sort_keys=True),
-            "software": "qie-hotfolder"}
+            "software": "qie-hotfolder", **engine_text(engine, spec)}
     data = image_bytes(image, params.output_format, params.quality, text)
     manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads)
     manifest["output"] = {"width": int(image.shape[1]), "height": int(image.shape[0]), "format": params.output_format}

@@ -34,7 +34,7 @@ import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -44,6 +44,7 @@ from config import ReferenceMode, Settings, StageParameters
 from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
 from stages.model_cache import ModelCache
+from stages.resize import eight_bit
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +132,10 @@ class DiffusersEngine:
         import transformers
         return (f"diffusers {diffusers.__version__}; transformers {transformers.__version__}; "
                 f"torch {torch.__version__}")
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        return {}  # a diffusers run has no graph to embed
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
@@ -321,7 +326,7 @@ class DiffusersEngine:
         images = prepared["images"]
         if not images:
             raise PermanentError("no input image")
-        return [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in images]
+        return [Image.fromarray(eight_bit(image)) for image in images]
 
     @staticmethod
     def output_size(prepared: Payload, params: StageParameters, multiple: int = 16) -> tuple[int, int]:

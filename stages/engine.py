@@ -28,7 +28,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 from config import Settings, StageParameters
 from stages.errors import RetryableError
@@ -89,6 +89,12 @@ class Engine(Protocol):
     def stage_models(self, stage: str, params: StageParameters) -> tuple[str, ...]:
         """The model roles this engine loads to compute ``stage`` for a job with ``params``
         (it may need fewer than the stage's fingerprint names, e.g. no VAE at cfg 1)."""
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        """Text the published image carries for this engine (PNG text chunks; the manifest holds
+        them too), e.g. ComfyUI's ``prompt`` and ``workflow`` for the job as run; ``images`` are
+        the job's image file names, image1 first. Empty when the engine has none."""
 
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         """Estimates of the bytes each role's model holds once loaded, before it is (the
