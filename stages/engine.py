@@ -9,7 +9,9 @@ outputs are *payloads* (nested dicts/lists of arrays, numbers, strings, None) th
 Payload shapes every engine agrees on:
 
 - ``prepare`` output: ``{"images": [uint8 ndarray[H, W, 3], ...]}``: image1 already scaled to the
-  job's megapixels, image2/image3 as loaded. Made by ``stages.prepare`` for every engine.
+  job's megapixels, image2/image3 as loaded. Made by ``stages.prepare`` for every engine. Scaled
+  with a float method (bicubic, bilinear, area), image1 is ``float32`` in 0..1 instead: ComfyUI's
+  own values (``stages/resize.py``); an engine that needs 8 bits takes ``resize.eight_bit``.
 - ``decode`` output: ``{"image": uint8 ndarray[H, W, 3]}`` (``uint16`` when the job asks for 16-bit
   output): exactly the pixels the engine's own library would save, so each engine publishes
   its library's pixels.
