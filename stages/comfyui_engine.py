@@ -340,7 +340,10 @@ class ComfyUIEngine:
     # Identity ------------------------------------------------------------------------------------
 
     def version(self) -> str:
-        return f"{self.comfy.describe()}; torch {torch.__version__}"
+        # ComfyUI options the user gives (--fast, attention, dtype...) can change results: they are
+        # part of the identity (and so of every fingerprint) when there are any.
+        options = f"; options {' '.join(self.settings.comfyui_args)}" if self.settings.comfyui_args else ""
+        return f"{self.comfy.describe()}; torch {torch.__version__}{options}"
 
     def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
                         params: StageParameters) -> dict[str, str]:
