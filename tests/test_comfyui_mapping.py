@@ -242,3 +242,29 @@ def test_comfy_values_are_rebuilt_exactly_in_another_process(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "same"
+
+
+# The negative prompt at cfg 1 -----------------------------------------------------------------------
+
+def test_the_negative_is_unused_exactly_where_comfyui_s_sampler_skips_it():
+    assert m.negative_unused(1.0) and m.negative_unused(1.0 + 1e-12)
+    assert not m.negative_unused(2.5) and not m.negative_unused(0.5)
+    positive, negative = [[torch.zeros(1, 2, 3), {}]], [[torch.ones(1, 2, 3), {}]]
+    assert m.sampler_negative({"positive": positive, "negative": None}, 1.0) is positive
+    assert m.sampler_negative({"positive": positive, "negative": negative}, 1.0) is negative
+    with pytest.raises(MappingError, match="needs the negative"):
+        m.sampler_negative({"positive": positive, "negative": None}, 2.5)
+
+
+def test_encode_text_fingerprints_keep_cfg_1_and_cfg_above_1_and_part_where_the_engines_differ():
+    from stages.definitions import BY_NAME
+
+    from stages.definitions import JobInputs
+
+    values = BY_NAME["encode_text"].job_values
+    job = JobInputs(prompt="p", negative_prompt="n", seed=1, images=())
+    assert values(job, params(cfg=1.0)) == {"prompt": "p", "negative_prompt": "n", "true_cfg": False}
+    assert values(job, params(cfg=2.5)) == {"prompt": "p", "negative_prompt": "n", "true_cfg": True}
+    # ComfyUI reads the negative at cfg 0.5 (diffusers does not); ComfyUI skips it just above 1.
+    assert values(job, params(cfg=0.5))["cfg_near_1"] is False
+    assert values(job, params(cfg=1.0 + 1e-12))["cfg_near_1"] is True
