@@ -169,11 +169,9 @@ class Scheduler:
 
     def models_fit(self, units: list[Unit]) -> bool:
         roles = {role for unit in units for role in unit.models}
-        if not roles:
-            return True  # nothing to load: no need to start the engine (it may take a minute)
         engine = self._engine()
         budget = engine.cache.budget_bytes
-        if budget is None:
+        if budget is None or not roles:
             return True
         known = engine.cache.known_sizes()
         estimates: dict[str, int] = {}
