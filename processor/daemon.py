@@ -245,8 +245,9 @@ class Daemon:
                     self.stop.wait(1.0)
                     busy = False
                 self.notifier.watchdog()
-                # A job ingested while this round ran (work_arrived) is looked at before leaving.
-                if self.once and not busy and not self.work_arrived.is_set() and not self._settling() \
+                # A job ingested while this round ran (work_arrived, read after the inbox is seen
+                # settled) is looked at before leaving.
+                if self.once and not busy and not self._settling() and not self.work_arrived.is_set() \
                         and not self._work_left():
                     break
                 if not busy:
