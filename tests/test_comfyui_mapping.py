@@ -268,3 +268,50 @@ def test_encode_text_fingerprints_keep_cfg_1_and_cfg_above_1_and_part_where_the_
     # ComfyUI reads the negative at cfg 0.5 (diffusers does not); ComfyUI skips it just above 1.
     assert values(job, params(cfg=0.5))["cfg_near_1"] is False
     assert values(job, params(cfg=1.0 + 1e-12))["cfg_near_1"] is True
+
+
+# The job as a ComfyUI graph (the PNG's prompt and workflow chunks) ----------------------------------
+
+def test_the_job_graph_is_the_template_with_the_job_s_values():
+    from stages.comfyui_graph import GraphModels, api_graph
+
+    models = GraphModels("vae.safetensors", "te.safetensors", "dit.safetensors", "fp8_e4m3fn")
+    graph = api_graph(models, "make it snow", "", 2**64 - 1, ["photo.png", "ref.png"], params())
+    by_type = {}
+    for node in graph.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert sorted(by_type) == sorted(["UNETLoader", "LoraLoaderModelOnly", "ModelSamplingAuraFlow", "CFGNorm",
+                                      "CLIPLoader", "VAELoader", "LoadImage", "ImageScaleToTotalPixels", "VAEEncode",
+                                      "TextEncodeQwenImageEditPlus", "KSampler", "VAEDecode", "SaveImage"])
+    assert [i["image"] for i in by_type["LoadImage"]] == ["photo.png", "ref.png"]
+    assert by_type["ImageScaleToTotalPixels"][0]["upscale_method"] == "lanczos"
+    assert by_type["UNETLoader"][0] == {"unet_name": "dit.safetensors", "weight_dtype": "fp8_e4m3fn"}
+    sampler = by_type["KSampler"][0]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        2**64 - 1, 4, 1.0, "euler", "simple")
+    positive, negative = by_type["TextEncodeQwenImageEditPlus"]
+    assert (positive["prompt"], negative["prompt"]) == ("make it snow", "")
+    scaled = next(key for key, node in graph.items() if node["class_type"] == "ImageScaleToTotalPixels")
+    assert positive["image1"] == [scaled, 0] and "image3" not in positive  # image1 scaled, image2 as loaded
+    assert graph[sampler["latent_image"][0]]["class_type"] == "VAEEncode"
+
+
+def test_the_workflow_holds_every_link_and_widget_of_the_graph():
+    from stages.comfyui_graph import GraphModels, NODE_TYPES, api_graph, ui_workflow
+
+    graph = api_graph(GraphModels("v", "t", "d", "default"), "p", "n", 7, ["a.png"],
+                      params(reference_mode="raw_latent", width=512, height=384))
+    workflow = ui_workflow(graph)
+    assert len(workflow["nodes"]) == len(graph) and workflow["last_node_id"] == len(graph)
+    connected = sum(isinstance(value, list) for node in graph.values() for value in node["inputs"].values())
+    assert len(workflow["links"]) == connected == workflow["last_link_id"]
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        source_node = next(n for n in workflow["nodes"] if n["id"] == source)
+        assert link_id in source_node["outputs"][slot]["links"] and source_node["outputs"][slot]["type"] == kind
+        target_node = next(n for n in workflow["nodes"] if n["id"] == target)
+        assert target_node["inputs"][target_slot]["link"] == link_id
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    assert sampler["widgets_values"] == [7, "fixed", 4, 1.0, "euler", "simple", 1.0]
+    assert {n["type"] for n in workflow["nodes"]} <= set(NODE_TYPES)
+    assert "EmptySD3LatentImage" in {n["type"] for n in workflow["nodes"]}
+    assert "ReferenceLatent" in {n["type"] for n in workflow["nodes"]}
