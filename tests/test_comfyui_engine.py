@@ -55,9 +55,14 @@ def comfy_settings(**overrides) -> Settings:
     return Settings(**values)
 
 
+_BUILT: dict[str, Path] = {}  # one set of tiny models per process, whichever test module asks first
+
+
 @pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Path:
     """Boot ComfyUI, write the tiny models, and point ComfyUI at them through an extra_model_paths.yaml."""
+    if "root" in _BUILT:
+        return _BUILT["root"]
     engine = ComfyUIEngine(comfy_settings(), ModelCache())
     root = tmp_path_factory.mktemp("comfy-models")
     comfyui_tiny.build_models(root)
@@ -65,6 +70,7 @@ def models(tmp_path_factory) -> Path:
     yaml.write_text("qie_test:\n  base_path: .\n  vae: vae/\n  text_encoders: text_encoders/\n"
                     "  diffusion_models: diffusion_models/\n  loras: loras/\n")
     engine.comfy.add_extra_model_paths(yaml)
+    _BUILT["root"] = root
     return root
 
 
