@@ -19,7 +19,10 @@ from pydantic import (BaseModel, ConfigDict, Field, ValidationError, ValidationI
 
 from config.untrusted import control_characters
 
-MAX_SEED = 2**53 - 1  # JSON numbers stay exact below this
+# KSampler's largest seed (0xffffffffffffffff); torch.Generator.manual_seed and NumPy's default_rng
+# take it too. Above 2**53 - 1 a job file must be written by a JSON writer that keeps integers exact
+# (Python's does; JavaScript's rounds them).
+MAX_SEED = 2**64 - 1
 # The longest job or output name, in bytes of UTF-8: file systems allow 255 bytes per name, and the
 # daemon adds suffixes (``-<seed>``, ``-<n>``, ``.error.json``, ``<job id>-``).
 MAX_NAME_BYTES = 200
@@ -247,6 +250,9 @@ class JobFile(BaseModel):
     def _variations_without_seeds(cls, value: Optional[int], info: ValidationInfo) -> Optional[int]:
         if value is not None and info.data.get("seeds") is not None:
             raise ValueError("give either seeds or variations, not both")
+        seed = info.data.get("seed")
+        if value is not None and seed is not None and seed + value - 1 > MAX_SEED:
+            raise ValueError(f"seed + variations - 1 must not pass the largest seed {MAX_SEED}")
         return value
 
     def images(self) -> dict[str, str]:

@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     lora_dir: Optional[Path] = Field(None, description="Folder of LoRA files for the diffusers engine. Default: `<model_path>/loras`.")
     comfyui_path: Optional[Path] = Field(None, description="ComfyUI checkout used as a library (engine `comfyui`).")
     comfyui_extra_model_paths: list[Path] = Field(default_factory=list, description="More `extra_model_paths.yaml` files for the ComfyUI engine (the checkout's own is always read).")
+    comfyui_custom_nodes: bool = Field(False, description="Load the ComfyUI checkout's `custom_nodes` (node packs, e.g. ones that add model folders or loaders), as ComfyUI does at start-up; their prestartup scripts are not run.")
+    comfyui_args: list[str] = Field(default_factory=list, description="ComfyUI command-line options passed on, checked with ComfyUI's own parser, e.g. `[\"--fast\", \"--use-sage-attention\"]`; options of its web server are accepted and change nothing.")
     vae_name: str = Field("qwen_image_vae.safetensors", description="ComfyUI VAE file (folder `vae`).")
     text_encoder_name: str = Field("qwen_2.5_vl_7b_fp8_scaled.safetensors", description="ComfyUI text encoder file (folder `text_encoders`).")
     diffusion_model_name: str = Field("qwen_image_edit_2509_fp8_e4m3fn.safetensors", description="ComfyUI diffusion model file (folder `diffusion_models`).")

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import platform
 from typing import Any
 
-from config import Settings
+from config import IMAGE_KEYS, JobSpec, Settings
 from db import Job, StageRun, utcnow
 from processor.plan import JobPlan
 from stages import Engine
@@ -35,6 +36,8 @@ def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, 
         "model_cache": engine.cache.stats.as_dict(),
         "host": platform.node(),
         "published_at": utcnow().isoformat(timespec="seconds") + "Z",
+        # What the image's own text carries for the engine (ComfyUI: its "prompt" and "workflow").
+        "engine_metadata": {key: _parsed(text) for key, text in engine_text(engine, spec).items()},
     }
 
 
@@ -46,6 +49,19 @@ def timing(job: Job) -> dict[str, Any]:
     return {"queued_at": stamp(job.created_at), "started_at": stamp(job.started_at),
             "published_at": stamp(utcnow()), "estimated_start_when_queued": stamp(job.estimated_start),
             "estimated_finish_when_queued": stamp(job.estimated_finish)}
+
+
+def engine_text(engine: Engine, spec: JobSpec) -> dict[str, str]:
+    """The engine's text for the published image of this job (e.g. ComfyUI's graph as JSON)."""
+    images = [spec.images[key] for key in IMAGE_KEYS if key in spec.images]
+    return engine.output_metadata(spec.prompt, spec.negative_prompt, spec.seed, images, spec.parameters)
+
+
+def _parsed(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
 
 
 def stage_row(run: StageRun) -> dict[str, Any]:

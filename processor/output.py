@@ -50,8 +50,9 @@ def source_of(work_dir: Path, spec: JobSpec) -> Optional[SourcePicture]:
 
 
 def make_output(spec: JobSpec, params: StageParameters, final: dict[str, Any], source: Optional[SourcePicture],
-                manifest_name: str) -> Output:
-    """The published file's bytes for a decode payload ``final``."""
+                manifest_name: str, engine_text: dict[str, str]) -> Output:
+    """The published file's bytes for a decode payload ``final``; ``engine_text`` is the engine's
+    own text for it (PNG text chunks, e.g. ComfyUI's prompt and workflow)."""
     pixels8 = np.asarray(final["image"])
     pixels16 = final.get("image16")
     # 1. Bit depth
@@ -74,7 +75,7 @@ def make_output(spec: JobSpec, params: StageParameters, final: dict[str, Any], s
     options = spec.output
     metadata = output_metadata(source or SourcePicture(None, None, None, size, 8), size, icc, provenance,
                                options.strip_location, options.strip_metadata)
-    text = {"parameters": _parameters_text(spec, params), "software": "qie-hotfolder"}
+    text = {"parameters": _parameters_text(spec, params), "software": "qie-hotfolder", **engine_text}
     data = image_bytes(pixels, params.output_format, params.quality, text, metadata)
     has_gps = source is not None and source.exif is not None and bool(source.exif.get_ifd(0x8825))
     info = {"width": size[0], "height": size[1], "format": params.output_format,

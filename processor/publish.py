@@ -36,7 +36,7 @@ from processor import files
 from processor.encode import image_bytes  # noqa: F401 - part of this module's interface
 from processor.faults import fault_point
 from processor.inbox import remove_empty_dirs, unique_path
-from processor.manifest import build_manifest
+from processor.manifest import build_manifest, engine_text
 from processor.output import Output, make_output, source_of
 from processor.plan import FINAL, JobPlan
 from stages import Engine
@@ -90,9 +90,10 @@ def publish_job(settings: Settings, db: Database, worker: str, job: Job, plan: J
         keep_originals = jobs.siblings_unfinished(session, job.id, job.work_dir)
         attempts, crashes = row.attempts, row.crashes
     source = source_of(Path(job.work_dir), spec)
+    text = engine_text(engine, spec)
 
     def encode(name: str) -> Output:
-        return make_output(spec, params, final, source, f"{name}.json")
+        return make_output(spec, params, final, source, f"{name}.json", text)
 
     manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads)
     written = _write_outputs(db, job, outbox, name, encode, params.output_format, manifest)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from datetime import timedelta, timezone
+import socket
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Optional
 
@@ -14,7 +15,11 @@ from config.untrusted import printable
 from db import Database, checkpoints, jobs, utcnow
 from db.schema import Event
 from processor.estimate import Estimate, queue_estimates
+from processor.lease import pid_alive
 from sqlalchemy import select
+
+
+STATUS_SILENT_SECONDS = 10.0  # a running daemon's status file is at most this old
 
 
 def _age(then) -> str:
@@ -82,16 +87,45 @@ def daemon_status(work) -> list[dict[str, Any]]:
             continue
     found.sort(key=lambda d: d.get("updated_at", ""), reverse=True)
     recent = (utcnow() - timedelta(hours=1)).isoformat()
-    return [d for d in found if d.get("updated_at", "") >= recent] or found[:1]
+    shown = [d for d in found if d.get("updated_at", "") >= recent] or found[:1]
+    return [{**d, "running": daemon_liveness(d)} for d in shown]
+
+
+def daemon_liveness(daemon: dict[str, Any], now: Optional[datetime] = None) -> str:
+    """``running``; ``stopped`` (it said so, or its process on this machine is gone); or
+    ``silent`` (another machine's daemon that has not written its status for STATUS_SILENT_SECONDS:
+    stopped, hung or unreachable). The housekeeper writes the file every second."""
+    if daemon.get("doing") == "stopped":
+        return "stopped"
+    host, _, pid = str(daemon.get("worker", "")).rpartition(":")
+    pid = str(daemon.get("pid", pid))
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return "stopped"
+    try:
+        updated = datetime.fromisoformat(str(daemon.get("updated_at", "")).rstrip("Z"))
+    except ValueError:
+        return "silent"
+    return "running" if ((now or utcnow()) - updated).total_seconds() <= STATUS_SILENT_SECONDS else "silent"
 
 
 def daemon_line(daemon: dict[str, Any]) -> str:
     cache = daemon.get("model_cache") or {}
+    running = daemon.get("running", "running")
+    heard = printable(daemon.get("updated_at", ""))[:19]
+    worker = printable(daemon.get("worker"))
+    if running == "running":
+        head = f"daemon {worker} ({heard}): {printable(daemon.get('doing') or 'idle')}"
+    else:
+        what = "not running" if running == "stopped" else f"not heard from for over {STATUS_SILENT_SECONDS:.0f} s"
+        last = daemon.get("doing")
+        head = (f"daemon {worker}: {what} (last status {heard}"
+                + (f", it was doing: {printable(last)}" if last and last != "stopped" else "") + ")")
+    if running != "running":
+        return head
     loaded = ", ".join(f"{role} {size / 1e6:.0f} MB" for role, size in (daemon.get("models_loaded") or {}).items())
     loads = ", ".join(f"{role} {n}" for role, n in (cache.get("loads") or {}).items()) or "none"
     unloads = ", ".join(f"{role} {n}" for role, n in (cache.get("unloads") or {}).items()) or "none"
-    return (f"daemon {printable(daemon.get('worker'))} ({printable(daemon.get('updated_at', ''))[:19]}): "
-            f"{printable(daemon.get('doing') or 'idle')}\n"
+    return (f"{head}\n"
             f"models loaded: {loaded or 'none'}; loads: {loads}; unloads: {unloads}; "
             f"loading took {cache.get('load_seconds', 0):.1f} s")
 

@@ -3,21 +3,23 @@
 ComfyUI is used as a library, headless: its checkout (setting ``comfyui_path``) goes on
 ``sys.path``, its command-line options are set from our settings before its model management
 loads (``--cpu``, ``--lowvram``/``--normalvram``/``--highvram``/``--novram``,
-``--reserve-vram``, the dtype flags), and its built-in extra nodes are registered without custom
-or API nodes. Model files are found through ComfyUI's ``folder_paths``, so the usual
-``models/`` folders and the checkout's ``extra_model_paths.yaml`` work as in ComfyUI itself.
-This happens once per process.
+``--reserve-vram``, the dtype flags) and the user's own ComfyUI options (``comfyui_args``, read by
+ComfyUI's parser), and its built-in extra nodes are registered, custom nodes only with
+``comfyui_custom_nodes``, API nodes never. Model files are found through ComfyUI's
+``folder_paths``, so the usual ``models/`` folders and ``extra_model_paths.yaml`` files work as in
+ComfyUI itself. This happens once per process.
 
 Each stage calls exactly the nodes of the reference workflow (see ``stages/comfyui_nodes.py``
 for the mapping of job parameters to node arguments):
 
 - ``encode_latent``: VAELoader, VAEEncode (or EmptySD3LatentImage for a custom output size)
 - ``encode_text``: CLIPLoader (type ``qwen_image``), TextEncodeQwenImageEditPlus for the prompt
-  and the negative prompt with image1..3 and the VAE (or, in ``raw_latent`` mode, without the
-  VAE and with one ReferenceLatent per VAE-encoded image)
+  and (unless cfg is 1, where KSampler never reads it) the negative prompt, with image1..3 and
+  the VAE (or, in ``raw_latent`` mode, without the VAE and with one ReferenceLatent per
+  VAE-encoded image)
 - ``sample``: UNETLoader, LoraLoaderModelOnly, ModelSamplingAuraFlow, CFGNorm, then KSampler's
   computation through ComfyUI's sampling API, so that it can stop and resume between steps
-- ``decode``: VAEDecode
+- ``decode``: VAEDecode, and SaveImage's conversion to 8 bits
 
 Sampling does what KSampler does (same noise, same sigma schedule for the scheduler, steps and
 denoise, same guider), with one difference in form: for samplers whose only state between steps
@@ -31,6 +33,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import itertools
 import logging
 import os
 import re
@@ -38,12 +41,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 
 from config import Settings, StageParameters
 from stages import comfyui_nodes as mapping
+from stages.comfyui_graph import GraphModels, api_graph, png_text
 from stages.comfyui_nodes import MappingError, NodeCall, Ref
 from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
@@ -70,6 +74,7 @@ class ComfyUI:
         self.model_management = modules["comfy.model_management"]
         self.samplers = modules["comfy.samplers"]
         self.sample = modules["comfy.sample"]
+        self.cli_args = modules["comfy.cli_args"].args
 
     def describe(self) -> str:
         return f"ComfyUI {self.version}" + (f" ({self.commit})" if self.commit else "")
@@ -216,6 +221,7 @@ def _boot(path: Path, settings: Settings) -> ComfyUI:
                 log.warning("this ComfyUI has no option %r; ignored", name)
                 continue
             setattr(cli_args.args, name, value)
+        _apply_user_arguments(cli_args, settings.comfyui_args, arguments)
         index = mapping.cuda_index(settings.device)
         if index is not None:
             if index >= torch.cuda.device_count():
@@ -223,6 +229,7 @@ def _boot(path: Path, settings: Settings) -> ComfyUI:
             torch.cuda.set_device(index)
         # ComfyUI's own start-up order: its ``utils`` package before ``nodes``, which puts
         # ``comfy/`` first on sys.path (where a module ``utils`` would otherwise be found).
+        modules["comfy.cli_args"] = cli_args
         for name in ("utils.extra_config", "folder_paths", "comfy.model_management", "nodes",
                      "comfy.samplers", "comfy.sample"):
             modules[name] = importlib.import_module(name)
@@ -234,8 +241,12 @@ def _boot(path: Path, settings: Settings) -> ComfyUI:
             f"cannot import ComfyUI from {path}: {type(exc).__name__}: {exc}. Run the daemon with the "
             f"Python environment ComfyUI runs in, with ComfyUI's requirements.txt installed") from exc
     nodes = modules["nodes"]
+    comfy = ComfyUI(path, version, read_commit(path), modules, arguments)
+    _apply_model_paths(comfy, settings)  # before the nodes, as ComfyUI's main.py (custom_nodes folders)
     try:
-        _run_coroutine(nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False))
+        # Custom nodes only when asked for (``--disable-all-custom-nodes``/``--whitelist-custom-nodes``
+        # in comfyui_args then act as in ComfyUI); API nodes never (they call a web service).
+        _run_coroutine(nodes.init_extra_nodes(init_custom_nodes=settings.comfyui_custom_nodes, init_api_nodes=False))
     except Exception as exc:
         raise PermanentError(f"ComfyUI at {path} failed to register its built-in nodes: {exc}") from exc
     missing = [name for name in mapping.REQUIRED_NODES if name not in nodes.NODE_CLASS_MAPPINGS]
@@ -243,10 +254,29 @@ def _boot(path: Path, settings: Settings) -> ComfyUI:
         raise PermanentError(f"ComfyUI {version} at {path} lacks the nodes {', '.join(missing)} (an import "
                              f"error in comfy_extras, see the log above, or a version older than "
                              f"{mapping.MINIMUM_VERSION})")
-    comfy = ComfyUI(path, version, read_commit(path), modules, arguments)
-    _apply_model_paths(comfy, settings)
     log.info("using %s from %s on %s", comfy.describe(), path, comfy.model_management.get_torch_device())
     return comfy
+
+
+def _apply_user_arguments(cli_args: Any, flags: list[str], derived: dict[str, Any]) -> None:
+    """Set the options a user gives (``comfyui_args``) as ComfyUI's parser reads them, after the
+    ones derived from the settings (a flag the user gives wins), with ComfyUI's own follow-ups."""
+    try:
+        given = mapping.user_arguments(cli_args.parser, flags)
+    except MappingError as exc:
+        raise PermanentError(str(exc)) from exc
+    if "fast" in given:  # ComfyUI: ``--fast`` alone enables every optimisation, else the ones named
+        given["fast"] = set(given["fast"]) if given["fast"] else set(cli_args.PerformanceFeature)
+    if given.get("force_fp16"):
+        given["fp16_unet"] = True
+    for name, value in given.items():
+        if name in mapping.SERVER_ONLY_OPTIONS:
+            log.warning("comfyui_args: --%s is for ComfyUI's server and changes nothing here", name.replace("_", "-"))
+            continue
+        if name in derived and derived[name] != value:
+            log.warning("comfyui_args: --%s=%r replaces %r from the settings", name.replace("_", "-"), value,
+                        derived[name])
+        setattr(cli_args.args, name, value)
 
 
 def _forget(path: Path) -> None:
@@ -266,6 +296,8 @@ def _apply_model_paths(comfy: ComfyUI, settings: Settings) -> None:
     if checkout_yaml.is_file():
         comfy.add_extra_model_paths(checkout_yaml)
     for extra in settings.comfyui_extra_model_paths:
+        comfy.add_extra_model_paths(Path(extra))
+    for extra in itertools.chain(*(comfy.cli_args.extra_model_paths_config or [])):  # comfyui_args
         comfy.add_extra_model_paths(Path(extra))
     folder_paths = comfy.folder_paths
     output = folder_paths.get_output_directory()
@@ -308,7 +340,20 @@ class ComfyUIEngine:
     # Identity ------------------------------------------------------------------------------------
 
     def version(self) -> str:
-        return f"{self.comfy.describe()}; torch {torch.__version__}"
+        # ComfyUI options the user gives (--fast, attention, dtype...) can change results: they are
+        # part of the identity (and so of every fingerprint) when there are any.
+        options = f"; options {' '.join(self.settings.comfyui_args)}" if self.settings.comfyui_args else ""
+        return f"{self.comfy.describe()}; torch {torch.__version__}{options}"
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        """ComfyUI's ``prompt`` and ``workflow`` text chunks for the job as run (stages/comfyui_graph.py);
+        none with ComfyUI's ``--disable-metadata`` (in comfyui_args), as its SaveImage does."""
+        if self.comfy.cli_args.disable_metadata:
+            return {}
+        models = GraphModels(self.settings.vae_name, self.settings.text_encoder_name,
+                             self.settings.diffusion_model_name, self.settings.weight_dtype)
+        return png_text(api_graph(models, prompt, negative_prompt, seed, images, params))
 
     def device_name(self) -> str:
         mm = self.comfy.model_management
@@ -431,8 +476,10 @@ class ComfyUIEngine:
             for i, image in enumerate(images, start=1):
                 refs[f"latent{i}"] = self._call(NodeCall("VAEEncode", {"pixels": Ref(f"image{i}"), "vae": Ref("vae")}),
                                                 **refs)
-        out = {}
-        for label, text in (("positive", prompt), ("negative", negative_prompt)):
+        out: dict[str, Any] = {"negative": None}
+        encode = (("positive", prompt),) if mapping.negative_unused(params.cfg) else (
+            ("positive", prompt), ("negative", negative_prompt))
+        for label, text in encode:
             conditioning = None
             for call in mapping.text_encode_calls(params.reference_mode, text, len(images)):
                 conditioning = self._call(call, **refs, conditioning=conditioning)
@@ -491,7 +538,8 @@ class ComfyUIEngine:
                 if step + 1 < total and should_stop():
                     raise StageInterrupted(f"sample stopped after step {step + 1}")
 
-        samples = samplers.sample(model, noise, text["positive"], text["negative"], args["cfg"], model.load_device,
+        negative = mapping.sampler_negative(text, args["cfg"])
+        samples = samplers.sample(model, noise, text["positive"], negative, args["cfg"], model.load_device,
                                   sampler, sigmas, model.model_options, latent_image=latent_image,
                                   denoise_mask=latent.get("noise_mask"), callback=callback, disable_pbar=True,
                                   seed=args["seed"])

@@ -17,6 +17,7 @@ ComfyUI's values, as stage payloads:
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
@@ -89,6 +90,53 @@ def boot_arguments(device: str, vram_mode: str, reserve_vram_gb: Optional[float]
     elif dtype != "auto":
         raise MappingError(f"unknown dtype {dtype!r}")
     return args
+
+
+# ComfyUI options (argparse ``dest`` names) that its server or its ``main.py`` acts on, not the
+# library: accepted, with a warning that they change nothing here.
+SERVER_ONLY_OPTIONS = frozenset({
+    "listen", "port", "tls_keyfile", "tls_certfile", "enable_cors_header", "max_upload_size", "output_directory",
+    "temp_directory", "input_directory", "user_directory", "auto_launch", "disable_auto_launch", "preview_method",
+    "preview_size", "cache_classic", "cache_lru", "cache_none", "dont_print_server", "quick_test_for_ci",
+    "windows_standalone_build", "disable_api_nodes", "multi_user", "verbose", "log_stdout",
+    "enable_compress_response_body", "database_url", "front_end_version", "front_end_root", "comfy_api_base",
+})
+# Options ``main.py`` turns into environment variables before torch is imported: too late in a
+# daemon that has imported torch; the message says what to do instead.
+BEFORE_TORCH_OPTIONS = {
+    "cuda_device": "set device = \"cuda:N\" (or CUDA_VISIBLE_DEVICES in the daemon's environment)",
+    "default_device": "set device = \"cuda:N\" (or CUDA_VISIBLE_DEVICES in the daemon's environment)",
+    "oneapi_device_selector": "set ONEAPI_DEVICE_SELECTOR in the daemon's environment",
+    "cuda_malloc": "set PYTORCH_CUDA_ALLOC_CONF=backend:cudaMallocAsync in the daemon's environment",
+    "disable_cuda_malloc": "leave PYTORCH_CUDA_ALLOC_CONF unset in the daemon's environment",
+}
+
+
+def user_arguments(parser: Any, flags: Sequence[str]) -> dict[str, Any]:
+    """The options a user gives ComfyUI (setting ``comfyui_args``), parsed by ComfyUI's own
+    ``comfy.cli_args.parser``: each option whose value differs from the parser's default, by its
+    attribute name. MappingError naming the flags for unknown options, bad values and options
+    that cannot work once torch is imported."""
+    import contextlib
+    import io
+
+    errors = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(errors):
+            parsed, unknown = parser.parse_known_args(list(flags))
+            defaults = parser.parse_args([])
+    except SystemExit:
+        message = (errors.getvalue().strip().splitlines() or ["invalid"])[-1]
+        raise MappingError(f"comfyui_args {list(flags)}: {message}") from None
+    if unknown:
+        raise MappingError(f"comfyui_args: ComfyUI has no option {' '.join(unknown)} (see python main.py --help "
+                           "in the checkout)")
+    given = {name: value for name, value in vars(parsed).items() if value != getattr(defaults, name, None)}
+    refused = [f"--{name.replace('_', '-')}: {hint}" for name, hint in BEFORE_TORCH_OPTIONS.items() if name in given]
+    if refused:
+        raise MappingError("comfyui_args: ComfyUI applies these before importing torch, too late for the "
+                           "daemon; " + "; ".join(refused))
+    return given
 
 
 def cuda_index(device: str) -> Optional[int]:
@@ -176,6 +224,26 @@ def ksampler_arguments(params: Any, seed: int) -> dict[str, Any]:
             "sampler_name": params.sampler, "scheduler": params.scheduler, "denoise": float(params.denoise)}
 
 
+def negative_unused(cfg: float) -> bool:
+    """Whether KSampler leaves the negative conditioning unused at this cfg: ComfyUI's sampling
+    function skips it when cfg is (math.isclose) 1 and no model patch asks otherwise (the
+    patches here do not: LoRA, ModelSamplingAuraFlow, CFGNorm's post-CFG function)."""
+    return math.isclose(float(cfg), 1.0)
+
+
+def sampler_negative(text: Mapping[str, Any], cfg: float) -> Any:
+    """The negative CONDITIONING to hand the sampler. When the negative was not encoded because
+    it is unused at this cfg, the positive stands in: the sampler only reads its reference
+    latents' shapes (for its memory estimate), which are the positive's, since both encodings
+    see the same images; the result is the same bits as with the encoded negative."""
+    negative = text.get("negative")
+    if negative is not None:
+        return negative
+    if not negative_unused(cfg):
+        raise MappingError(f"cfg {cfg} needs the negative conditioning, which this encode_text result lacks")
+    return text["positive"]
+
+
 def check_sampler(sampler: str, scheduler: str, samplers: Sequence[str], schedulers: Sequence[str]) -> None:
     """KSampler quietly falls back to its first sampler/scheduler for an unknown name; refuse instead."""
     if sampler not in samplers:
@@ -208,14 +276,17 @@ def cache_key(role: str, identity: str, params: Any = None) -> tuple:
 # Values across stage boundaries ------------------------------------------------------------------
 
 def to_comfy_image(image: Any) -> Any:
-    """``uint8 [H, W, 3]`` (the prepare payload, an array or a tensor) -> ComfyUI IMAGE
-    ``float32 [1, H, W, 3]``, with the same arithmetic as ComfyUI's LoadImage (``float32 / 255``)."""
+    """A prepared image (an array or a tensor) -> ComfyUI IMAGE ``float32 [1, H, W, 3]``:
+    ``uint8 [H, W, 3]`` with the same arithmetic as ComfyUI's LoadImage (``float32 / 255``);
+    ``float32 [H, W, 3]`` (ImageScaleToTotalPixels' values for a float method) as it is."""
     import numpy as np
     import torch
 
     pixels = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    if pixels.dtype != np.uint8 or pixels.ndim != 3 or pixels.shape[-1] != 3:
-        raise MappingError("a prepared image must be uint8 [H, W, 3]")
+    if pixels.dtype not in (np.uint8, np.float32) or pixels.ndim != 3 or pixels.shape[-1] != 3:
+        raise MappingError("a prepared image must be uint8 or float32 [H, W, 3]")
+    if pixels.dtype == np.float32:
+        return torch.from_numpy(np.ascontiguousarray(pixels))[None,]
     return torch.from_numpy(pixels.astype(np.float32) / 255.0)[None,]
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional
@@ -74,11 +75,20 @@ class Stage:
 
 
 def _prepare_values(job: JobInputs, params: StageParameters) -> dict[str, Any]:
-    return {"images": [list(image) for image in job.images]}
+    from stages.resize import fingerprint_values
+    return {"images": [list(image) for image in job.images],
+            **fingerprint_values(params.upscale_method, params.megapixels)}
 
 
 def _text_values(job: JobInputs, params: StageParameters) -> dict[str, Any]:
-    return {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "true_cfg": params.cfg > 1}
+    values = {"prompt": job.prompt, "negative_prompt": job.negative_prompt, "true_cfg": params.cfg > 1}
+    # Engines differ in when the negative is encoded: diffusers for cfg > 1 (true CFG), ComfyUI
+    # unless cfg is (math.isclose) 1. Where the two rules disagree the result is told apart too;
+    # elsewhere (cfg 1, cfg > 1) the values, and so the fingerprints, stay as they were.
+    near_1 = math.isclose(params.cfg, 1.0)
+    if near_1 == (params.cfg > 1):
+        values["cfg_near_1"] = near_1
+    return values
 
 
 def _seed_value(job: JobInputs, params: StageParameters) -> dict[str, Any]:

@@ -34,7 +34,7 @@ import logging
 import math
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from stages.memory_profiles import GiB, PROFILES, Choice, MemoryProfile, ModelSi
 from stages.model_cache import ModelCache
 from stages.placement import (TEXT_ENCODER_BLOCK_MODULES, TORCHAO_CONFIGS, device_footprint, place,
                               quantize_torchao, set_footprint, store_fp8)
+from stages.resize import eight_bit
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,10 @@ class DiffusersEngine:
         import transformers
         return (f"diffusers {diffusers.__version__}; transformers {transformers.__version__}; "
                 f"torch {torch.__version__}")
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        return {}  # a diffusers run has no graph to embed
 
     def device_name(self) -> str:
         if self.device.type == "cuda":
@@ -430,7 +435,7 @@ class DiffusersEngine:
         images = prepared["images"]
         if not images:
             raise PermanentError("no input image")
-        return [Image.fromarray(np.asarray(image, dtype=np.uint8)) for image in images]
+        return [Image.fromarray(eight_bit(image)) for image in images]
 
     @staticmethod
     def output_size(prepared: Payload, params: StageParameters, multiple: int = 16) -> tuple[int, int]:

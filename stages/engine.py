@@ -9,7 +9,9 @@ outputs are *payloads* (nested dicts/lists of arrays, numbers, strings, None) th
 Payload shapes every engine agrees on:
 
 - ``prepare`` output: ``{"images": [uint8 ndarray[H, W, 3], ...]}``: image1 already scaled to the
-  job's megapixels, image2/image3 as loaded. Made by ``stages.prepare`` for every engine.
+  job's megapixels, image2/image3 as loaded. Made by ``stages.prepare`` for every engine. Scaled
+  with a float method (bicubic, bilinear, area), image1 is ``float32`` in 0..1 instead: ComfyUI's
+  own values (``stages/resize.py``); an engine that needs 8 bits takes ``resize.eight_bit``.
 - ``decode`` output: ``{"image": uint8 ndarray[H, W, 3]}``: exactly the pixels the engine's own
   library would save, so each engine publishes its library's pixels; with ``bit_depth`` other
   than 8 also ``"image16": uint16 ndarray[H, W, 3]``, the decoder's float output rounded to 16 bits.
@@ -28,7 +30,7 @@ from __future__ import annotations
 import functools
 import importlib
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Optional, Protocol, Sequence, TypeVar
 
 from config import Settings, StageParameters
 from stages.errors import RetryableError
@@ -93,6 +95,12 @@ class Engine(Protocol):
     def load_models(self, stage: str, params: StageParameters) -> None:
         """Load (through the cache) the models ``stage`` needs for a job with ``params``; called
         ahead of the stage inside ``cache.prefetching()`` when they fit beside the loaded ones."""
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        """Text the published image carries for this engine (PNG text chunks; the manifest holds
+        them too), e.g. ComfyUI's ``prompt`` and ``workflow`` for the job as run; ``images`` are
+        the job's image file names, image1 first. Empty when the engine has none."""
 
     def model_bytes(self, params: StageParameters) -> dict[str, int]:
         """Estimates of the bytes each role's model holds once loaded, before it is (the

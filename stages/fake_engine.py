@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -27,6 +27,7 @@ from config import Settings, StageParameters
 from stages.engine import Check, Payload, SampleResume, StageInterrupted, StepCallback, engine_operation
 from stages.errors import ModelNotFoundError, PermanentError
 from stages.model_cache import ModelCache
+from stages.resize import eight_bit
 
 VERSION = "fake 1"
 ROLES = ("vae", "text_encoder", "transformer")
@@ -58,6 +59,10 @@ class FakeEngine:
 
     def version(self) -> str:
         return VERSION
+
+    def output_metadata(self, prompt: str, negative_prompt: str, seed: int, images: Sequence[str],
+                        params: StageParameters) -> dict[str, str]:
+        return {}
 
     def device_name(self) -> str:
         return f"cpu ({self.settings.effective_threads} threads) fake"
@@ -157,7 +162,7 @@ def output_image(prepared: Payload, params: StageParameters) -> np.ndarray:
     images = prepared["images"]
     if not images:
         raise PermanentError("no input image")
-    image = np.asarray(images[0], dtype=np.uint8)
+    image = eight_bit(images[0])
     if params.width is not None and params.height is not None:
         rows = (np.arange(params.height) * image.shape[0] // params.height).clip(0, image.shape[0] - 1)
         cols = (np.arange(params.width) * image.shape[1] // params.width).clip(0, image.shape[1] - 1)

@@ -102,8 +102,8 @@ def check_proportions(size: tuple[int, int], label: str, file_name: str, max_rat
 
 def scaled_size(width: int, height: int, megapixels: float) -> tuple[int, int]:
     """ImageScaleToTotalPixels' target size."""
-    scale = math.sqrt(megapixels * 1024 * 1024 / (width * height))
-    return max(1, round(width * scale)), max(1, round(height * scale))
+    from stages import resize
+    return resize.scaled_size(width, height, megapixels)
 
 
 def to_array(image: Image.Image) -> np.ndarray:
@@ -116,8 +116,9 @@ def prepare(paths: Sequence[tuple[str, Path]], params: StageParameters, max_pixe
     for index, (label, path) in enumerate(paths):
         image = load_image(path, label, max_pixels)
         if index == 0:
+            from stages import resize
             size = scaled_size(image.width, image.height, params.megapixels)
-            if size != image.size:
-                image = image.resize(size, RESAMPLING[params.upscale_method])
+            images.append(resize.scale(image, size, params.upscale_method))  # ComfyUI's values (stages/resize.py)
+            continue
         images.append(to_array(image))
     return {"images": images}

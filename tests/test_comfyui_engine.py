@@ -26,8 +26,10 @@ if not COMFYUI or not (Path(COMFYUI) / "nodes.py").is_file():
     pytest.skip("ComfyUI integration test: set QIE_COMFYUI_PATH to a ComfyUI checkout (and run with a Python "
                 "that has ComfyUI's requirements) to run it", allow_module_level=True)
 
-from processor.store import read_checkpoint, write_checkpoint
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
+
+from processor.store import read_checkpoint, write_checkpoint  # noqa: E402
 
 from tests import comfyui_tiny  # noqa: E402
 
@@ -53,9 +55,14 @@ def comfy_settings(**overrides) -> Settings:
     return Settings(**values)
 
 
-@pytest.fixture(scope="module")
+_BUILT: dict[str, Path] = {}  # one set of tiny models per process, whichever test module asks first
+
+
+@pytest.fixture(scope="session")
 def models(tmp_path_factory) -> Path:
     """Boot ComfyUI, write the tiny models, and point ComfyUI at them through an extra_model_paths.yaml."""
+    if "root" in _BUILT:
+        return _BUILT["root"]
     engine = ComfyUIEngine(comfy_settings(), ModelCache())
     root = tmp_path_factory.mktemp("comfy-models")
     comfyui_tiny.build_models(root)
@@ -63,6 +70,7 @@ def models(tmp_path_factory) -> Path:
     yaml.write_text("qie_test:\n  base_path: .\n  vae: vae/\n  text_encoders: text_encoders/\n"
                     "  diffusion_models: diffusion_models/\n  loras: loras/\n")
     engine.comfy.add_extra_model_paths(yaml)
+    _BUILT["root"] = root
     return root
 
 
@@ -83,7 +91,9 @@ PARAMS = StageParameters(lora=LORA)
 def encoded(engine) -> dict:
     """The reference job's encode_latent and encode_text payloads (the text encode is the slow part)."""
     return {"latent": engine.encode_latent(PREPARED, PARAMS),
-            "text": engine.encode_text(PREPARED, PARAMS, "make the sky purple", "")}
+            "text": engine.encode_text(PREPARED, PARAMS, "make the sky purple", ""),  # cfg 1: no negative
+            "text_cfg": engine.encode_text(PREPARED, PARAMS.model_copy(update={"cfg": 2.5}), "make the sky purple",
+                                           "blurry")}
 
 
 def roundtrip(payload, tmp_path: Path, name: str):
@@ -108,27 +118,28 @@ def test_every_stage_runs_and_checkpointed_payloads_give_the_same_image(engine, 
     assert len(positive[0][1]["reference_latents"]) == 1
     sampled = engine.sample(PREPARED, latent, text, PARAMS, 7, None, None)
     decoded = engine.decode(sampled, PARAMS)
-    assert decoded["image"].shape == (48, 64, 3) and decoded["image"].dtype == torch.float32
-    assert 0 <= decoded["image"].min() and decoded["image"].max() <= 1
-    for tensor in (latent["samples"], positive[0][0], sampled["samples"], decoded["image"]):
+    assert decoded["image"].shape == (48, 64, 3) and decoded["image"].dtype == np.uint8  # SaveImage's pixels
+    for tensor in (latent["samples"], positive[0][0], sampled["samples"]):
         assert not tensor.is_inference() and tensor.device.type == "cpu"  # plain payload tensors
 
     # The same chain with every payload stored and read back, as the runner does.
     latent2, text2 = roundtrip(latent, tmp_path, "latent"), roundtrip(text, tmp_path, "text")
     sampled2 = roundtrip(engine.sample(PREPARED, latent2, text2, PARAMS, 7, None, None), tmp_path, "sample")
     assert torch.equal(sampled2["samples"], sampled["samples"])
-    assert torch.equal(engine.decode(sampled2, PARAMS)["image"], decoded["image"])
+    assert np.array_equal(engine.decode(sampled2, PARAMS)["image"], decoded["image"])
 
 
 @pytest.mark.parametrize("overrides", [{}, {"cfg": 2.5, "denoise": 0.75, "steps": 3}, {"sampler": "heun"}],
                          ids=["reference", "true-cfg-denoise", "heun"])
 def test_sampling_gives_exactly_what_ksampler_gives(engine, encoded, overrides):
     params = PARAMS.model_copy(update=overrides)
-    ours = engine.sample(PREPARED, encoded["latent"], encoded["text"], params, 11, None, None)
+    text = encoded["text"] if params.cfg == 1 else encoded["text_cfg"]
+    ours = engine.sample(PREPARED, encoded["latent"], text, params, 11, None, None)
+    full = encoded["text_cfg"]  # KSampler gets an encoded negative even where the engine skips it (cfg 1)
     with torch.inference_mode():
         theirs = engine.comfy.node("KSampler", model=engine._transformer(params), seed=11, steps=params.steps,
                                    cfg=params.cfg, sampler_name=params.sampler, scheduler=params.scheduler,
-                                   positive=encoded["text"]["positive"], negative=encoded["text"]["negative"],
+                                   positive=full["positive"], negative=full["negative"],
                                    latent_image=encoded["latent"], denoise=params.denoise)
     assert torch.equal(ours["samples"], theirs["samples"])
 
@@ -196,7 +207,7 @@ def test_custom_output_size_starts_from_an_empty_latent(engine, encoded):
 
 def test_raw_latent_references_are_each_image_at_its_own_size(engine):
     prepared = {"images": [image(48, 64, 1), image(40, 24, 2)]}
-    params = PARAMS.model_copy(update={"reference_mode": "raw_latent"})
+    params = PARAMS.model_copy(update={"reference_mode": "raw_latent", "cfg": 2.0})
     text = engine.encode_text(prepared, params, "put the cat in the garden", "")
     for conditioning in (text["positive"], text["negative"]):
         references = conditioning[0][1]["reference_latents"]
@@ -279,7 +290,7 @@ def comfy_env(folders, models: Path, **extra: str) -> dict[str, str]:
     return folders.env(QIE_ENGINE="comfyui", QIE_COMFYUI_PATH=str(Path(COMFYUI).resolve()), QIE_DEVICE="cpu",
                        QIE_VAE_NAME=NAMES["vae"], QIE_TEXT_ENCODER_NAME=NAMES["text_encoder"],
                        QIE_DIFFUSION_MODEL_NAME=NAMES["diffusion_model"], QIE_DEFAULTS__LORA=LORA,
-                       COMFYUI_TINY_MODELS=str(models), **extra)
+                       COMFYUI_TINY_MODELS=str(models), QIE_THREADS="2", **extra)  # as comfy_settings
 
 
 def serve(folders, models: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
@@ -307,7 +318,9 @@ def test_daemon_job_killed_during_sample_resumes_to_the_same_bytes(models, daemo
 
     folders = daemon_folders("killed")
     folders.drop("edit", job)
-    killed = serve(folders, models, "--once", QIE_FAULTS="stage.sample.step3")
+    # SIGKILL right after step 4; the partial of step 3 is durable by then (the pause lets the
+    # writer store it), step 4's may be.
+    killed = serve(folders, models, "--once", QIE_FAULTS="stage.sample.step3=pause:1,stage.sample.step4")
     assert killed.returncode == -9, killed.stderr[-4000:]
     assert folders.job_states() == {"edit": "running"}
     assert not (folders.outbox / "edit.png").exists()
@@ -320,7 +333,7 @@ def test_daemon_job_killed_during_sample_resumes_to_the_same_bytes(models, daemo
     assert folders.db_rows("SELECT state, crashes FROM jobs") == [("done", 1)]
     runs = folders.db_rows("SELECT stage, resumed_from_step FROM stage_runs WHERE error IS NULL "
                            "AND stage = 'sample' ORDER BY id")
-    assert runs[-1] == ("sample", 3)
+    assert runs[-1] in (("sample", 3), ("sample", 4))
 
 
 def test_daemon_loads_each_model_once_for_several_jobs(models, daemon_folders):
@@ -336,3 +349,76 @@ def test_daemon_loads_each_model_once_for_several_jobs(models, daemon_folders):
     log = result.stdout + result.stderr
     for role in ("vae", "text_encoder", "transformer"):
         assert log.count(f"loaded {role} in") == 1, role
+
+
+# ComfyUI's own options and custom nodes ------------------------------------------------------------
+
+def test_comfyui_args_are_read_by_comfyui_s_own_parser(engine):
+    import comfy.cli_args as cli
+
+    from stages.comfyui_nodes import BEFORE_TORCH_OPTIONS, SERVER_ONLY_OPTIONS, MappingError, user_arguments
+
+    options = {action.dest for action in cli.parser._actions}
+    assert SERVER_ONLY_OPTIONS | set(BEFORE_TORCH_OPTIONS) <= options  # every name in the tables is ComfyUI's
+    given = user_arguments(cli.parser, ["--fast", "--use-sage-attention", "--reserve-vram", "1.5", "--port", "9"])
+    assert given == {"fast": [], "use_sage_attention": True, "reserve_vram": 1.5, "port": 9}
+    assert user_arguments(cli.parser, ["--fast", "fp16_accumulation"]) == {"fast": [cli.PerformanceFeature("fp16_accumulation")]}
+    for flags, message in ((["--no-such-option"], "no option --no-such-option"),
+                           (["--reserve-vram", "lots"], "invalid float value"),
+                           (["--cuda-device", "1"], 'device = "cuda:N"')):
+        with pytest.raises(MappingError, match=message):
+            user_arguments(cli.parser, flags)
+
+
+def doctor(folders, models: Path, **env: str) -> dict:
+    result = subprocess.run([sys.executable, str(TINY_RUNNER), str(ROOT / "run.py"), "doctor", "--json"],
+                            env=comfy_env(folders, models, **env), cwd=folders.root, capture_output=True, text=True,
+                            timeout=600)
+    return json.loads(result.stdout)
+
+
+def test_custom_nodes_load_only_when_asked_and_comfyui_args_reach_comfyui(models, daemon_folders, tmp_path):
+    pack = tmp_path / "packs" / "custom_nodes" / "qie_test_pack"
+    pack.mkdir(parents=True)
+    (pack / "__init__.py").write_text("import os, pathlib\n"
+                                      "pathlib.Path(os.environ['QIE_TEST_PACK_MARKER']).write_text('loaded')\n"
+                                      "NODE_CLASS_MAPPINGS = {}\n")
+    paths = tmp_path / "packs.yaml"
+    paths.write_text(f"packs:\n  base_path: {tmp_path / 'packs'}\n  custom_nodes: custom_nodes/\n")
+    marker = tmp_path / "marker"
+    env = {"QIE_COMFYUI_EXTRA_MODEL_PATHS": json.dumps([str(paths)]), "QIE_TEST_PACK_MARKER": str(marker)}
+
+    off = doctor(daemon_folders("off"), models, **env)
+    assert next(c for c in off["checks"] if c["check"] == "comfyui")["ok"] and not marker.exists()
+
+    on = doctor(daemon_folders("on"), models, QIE_COMFYUI_CUSTOM_NODES="true",
+                QIE_COMFYUI_ARGS='["--disable-metadata", "--fast"]', **env)
+    assert next(c for c in on["checks"] if c["check"] == "comfyui")["ok"] and marker.read_text() == "loaded"
+
+    refused = doctor(daemon_folders("refused"), models, QIE_COMFYUI_ARGS='["--no-such-option"]')
+    comfyui = next(c for c in refused["checks"] if c["check"] == "comfyui")
+    assert not comfyui["ok"] and "no option --no-such-option" in comfyui["detail"]
+
+
+def test_with_disable_metadata_the_png_carries_no_graph(models, daemon_folders):
+    from tests.daemon import tiny_job
+
+    folders = daemon_folders("no-metadata")
+    folders.drop("edit", tiny_job(seed=2))
+    result = serve(folders, models, "--once", QIE_COMFYUI_ARGS='["--disable-metadata"]')
+    assert result.returncode == 0, result.stderr[-4000:]
+    from PIL import Image
+    with Image.open(folders.outbox / "edit.png") as image:
+        assert "prompt" not in image.text and "workflow" not in image.text and "parameters" in image.text
+
+
+def test_a_job_naming_a_missing_lora_is_a_permanent_failure(models, daemon_folders):
+    from tests.daemon import tiny_job
+
+    folders = daemon_folders("missing-lora")
+    folders.drop("edit", tiny_job(seed=2, lora="not-there.safetensors"))
+    result = serve(folders, models, "--once")
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert folders.db_rows("SELECT state, error_kind FROM jobs") == [("failed", "permanent")]
+    report = json.loads((folders.failed / "edit.error.json").read_text())
+    assert report["kind"] == "permanent" and "not-there.safetensors" in report["error"] and "gave up" not in report["error"]

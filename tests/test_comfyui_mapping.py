@@ -148,8 +148,10 @@ def test_prepared_images_become_comfy_images_like_load_image():
     expected = torch.from_numpy(image.numpy().astype("float32") / 255.0)  # LoadImage's arithmetic
     assert torch.equal(comfy[0], expected)
     assert torch.equal(m.from_comfy_image(comfy), comfy[0])
+    scaled = torch.rand(5, 7, 3, generator=torch.Generator().manual_seed(1))  # a float method's values
+    assert torch.equal(m.to_comfy_image(scaled.numpy())[0], scaled)
     with pytest.raises(MappingError):
-        m.to_comfy_image(image.float())
+        m.to_comfy_image(image.double())
     with pytest.raises(MappingError):
         m.from_comfy_image(torch.zeros(2, 5, 7, 3))
 
@@ -248,3 +250,76 @@ def test_comfy_values_are_rebuilt_exactly_in_another_process(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "same"
+
+
+# The negative prompt at cfg 1 -----------------------------------------------------------------------
+
+def test_the_negative_is_unused_exactly_where_comfyui_s_sampler_skips_it():
+    assert m.negative_unused(1.0) and m.negative_unused(1.0 + 1e-12)
+    assert not m.negative_unused(2.5) and not m.negative_unused(0.5)
+    positive, negative = [[torch.zeros(1, 2, 3), {}]], [[torch.ones(1, 2, 3), {}]]
+    assert m.sampler_negative({"positive": positive, "negative": None}, 1.0) is positive
+    assert m.sampler_negative({"positive": positive, "negative": negative}, 1.0) is negative
+    with pytest.raises(MappingError, match="needs the negative"):
+        m.sampler_negative({"positive": positive, "negative": None}, 2.5)
+
+
+def test_encode_text_fingerprints_keep_cfg_1_and_cfg_above_1_and_part_where_the_engines_differ():
+    from stages.definitions import BY_NAME
+
+    from stages.definitions import JobInputs
+
+    values = BY_NAME["encode_text"].job_values
+    job = JobInputs(prompt="p", negative_prompt="n", seed=1, images=())
+    assert values(job, params(cfg=1.0)) == {"prompt": "p", "negative_prompt": "n", "true_cfg": False}
+    assert values(job, params(cfg=2.5)) == {"prompt": "p", "negative_prompt": "n", "true_cfg": True}
+    # ComfyUI reads the negative at cfg 0.5 (diffusers does not); ComfyUI skips it just above 1.
+    assert values(job, params(cfg=0.5))["cfg_near_1"] is False
+    assert values(job, params(cfg=1.0 + 1e-12))["cfg_near_1"] is True
+
+
+# The job as a ComfyUI graph (the PNG's prompt and workflow chunks) ----------------------------------
+
+def test_the_job_graph_is_the_template_with_the_job_s_values():
+    from stages.comfyui_graph import GraphModels, api_graph
+
+    models = GraphModels("vae.safetensors", "te.safetensors", "dit.safetensors", "fp8_e4m3fn")
+    graph = api_graph(models, "make it snow", "", 2**64 - 1, ["photo.png", "ref.png"], params())
+    by_type = {}
+    for node in graph.values():
+        by_type.setdefault(node["class_type"], []).append(node["inputs"])
+    assert sorted(by_type) == sorted(["UNETLoader", "LoraLoaderModelOnly", "ModelSamplingAuraFlow", "CFGNorm",
+                                      "CLIPLoader", "VAELoader", "LoadImage", "ImageScaleToTotalPixels", "VAEEncode",
+                                      "TextEncodeQwenImageEditPlus", "KSampler", "VAEDecode", "SaveImage"])
+    assert [i["image"] for i in by_type["LoadImage"]] == ["photo.png", "ref.png"]
+    assert by_type["ImageScaleToTotalPixels"][0]["upscale_method"] == "lanczos"
+    assert by_type["UNETLoader"][0] == {"unet_name": "dit.safetensors", "weight_dtype": "fp8_e4m3fn"}
+    sampler = by_type["KSampler"][0]
+    assert (sampler["seed"], sampler["steps"], sampler["cfg"], sampler["sampler_name"], sampler["scheduler"]) == (
+        2**64 - 1, 4, 1.0, "euler", "simple")
+    positive, negative = by_type["TextEncodeQwenImageEditPlus"]
+    assert (positive["prompt"], negative["prompt"]) == ("make it snow", "")
+    scaled = next(key for key, node in graph.items() if node["class_type"] == "ImageScaleToTotalPixels")
+    assert positive["image1"] == [scaled, 0] and "image3" not in positive  # image1 scaled, image2 as loaded
+    assert graph[sampler["latent_image"][0]]["class_type"] == "VAEEncode"
+
+
+def test_the_workflow_holds_every_link_and_widget_of_the_graph():
+    from stages.comfyui_graph import GraphModels, NODE_TYPES, api_graph, ui_workflow
+
+    graph = api_graph(GraphModels("v", "t", "d", "default"), "p", "n", 7, ["a.png"],
+                      params(reference_mode="raw_latent", width=512, height=384))
+    workflow = ui_workflow(graph)
+    assert len(workflow["nodes"]) == len(graph) and workflow["last_node_id"] == len(graph)
+    connected = sum(isinstance(value, list) for node in graph.values() for value in node["inputs"].values())
+    assert len(workflow["links"]) == connected == workflow["last_link_id"]
+    for link_id, source, slot, target, target_slot, kind in workflow["links"]:
+        source_node = next(n for n in workflow["nodes"] if n["id"] == source)
+        assert link_id in source_node["outputs"][slot]["links"] and source_node["outputs"][slot]["type"] == kind
+        target_node = next(n for n in workflow["nodes"] if n["id"] == target)
+        assert target_node["inputs"][target_slot]["link"] == link_id
+    sampler = next(n for n in workflow["nodes"] if n["type"] == "KSampler")
+    assert sampler["widgets_values"] == [7, "fixed", 4, 1.0, "euler", "simple", 1.0]
+    assert {n["type"] for n in workflow["nodes"]} <= set(NODE_TYPES)
+    assert "EmptySD3LatentImage" in {n["type"] for n in workflow["nodes"]}
+    assert "ReferenceLatent" in {n["type"] for n in workflow["nodes"]}

@@ -182,3 +182,48 @@ def test_a_second_daemon_on_the_same_folders_refuses_to_start(folders: Folders):
         assert second.returncode == 1
         assert "another qie-hotfolder daemon" in second.stderr
         assert first.stop() == 0
+
+
+def test_a_job_naming_a_missing_lora_fails_at_once_as_permanent(folders: Folders):
+    folders.drop("nolora", tiny_job(lora="missing-lora.safetensors"))
+    result = folders.run("serve", "--once", QIE_FAKE__AVAILABLE_LORAS='["present.safetensors"]')
+    assert result.returncode == 0, result.stderr
+    assert folders.db_rows("SELECT state, error_kind, attempts FROM jobs") == [("failed", "permanent", 1)]
+    report = json.loads((folders.failed / "nolora.error.json").read_text())
+    assert report["kind"] == "permanent" and "missing-lora.safetensors" in report["error"]
+    assert "gave up" not in report["error"]
+
+
+def test_status_shows_a_killed_daemon_as_not_running(folders: Folders):
+    with folders.serve() as daemon:
+        daemon.wait_ready()
+        daemon.wait_for(lambda: list((folders.work / "status").glob("*.json")), what="the status file")
+        running = folders.run("status")
+        assert "not running" not in running.stdout and "idle" in running.stdout
+        daemon.kill()  # SIGKILL: the status file keeps its last words
+    status = folders.run("status")
+    assert status.returncode == 0, status.stderr
+    assert "not running" in status.stdout and "models loaded" not in status.stdout
+    assert json.loads(folders.run("status", "--json").stdout)["daemons"][0]["running"] == "stopped"
+
+
+def test_a_seed_of_2_to_the_64_minus_1_is_accepted_and_recorded_exactly(folders: Folders):
+    folders.drop("bigseed", tiny_job(seed=2**64 - 1))
+    folders.drop("toobig", tiny_job(seed=2**64))
+    result = folders.run("serve", "--once")
+    assert result.returncode == 0, result.stderr
+    assert json.loads((folders.outbox / "bigseed.json").read_text())["seed"] == 2**64 - 1
+    assert "seed" in json.loads((folders.failed / "toobig.error.json").read_text())["field"]
+
+
+def test_a_daemon_of_another_machine_not_heard_from_is_shown_as_silent():
+    from db import utcnow
+    from processor.report import daemon_line, daemon_liveness
+
+    last = {"worker": "another-host:4242", "pid": 4242, "doing": "job 3 (edit): sample step 2/4",
+            "updated_at": "2026-01-01T10:00:00Z", "model_cache": {}}
+    assert daemon_liveness(last) == "silent"
+    line = daemon_line({**last, "running": "silent"})
+    assert "not heard from" in line and "it was doing: job 3 (edit): sample step 2/4" in line
+    assert daemon_liveness({**last, "updated_at": utcnow().isoformat() + "Z"}) == "running"
+    assert daemon_liveness({**last, "doing": "stopped", "updated_at": utcnow().isoformat() + "Z"}) == "stopped"

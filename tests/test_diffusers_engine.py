@@ -343,3 +343,17 @@ def test_without_a_model_path_the_tiny_model_is_built_under_work(tmp_path):
     identities = other.model_identities(params(lora=LORA_NAME))
     assert (settings.tiny_model_path / "TINY_MODEL_README.txt").is_file()
     assert LORA_NAME in identities["transformer"]
+
+
+def test_the_largest_seed_ksampler_takes_is_taken(engine, prepared):
+    largest = run_job(engine, prepared, params(), seed=2**64 - 1)
+    assert largest.shape == (64, 80, 3) and not torch.equal(largest, run_job(engine, prepared, params(), seed=0))
+
+
+def test_a_float_scaled_image1_is_taken_rounded_to_8_bits(engine, prepared):
+    from stages.resize import eight_bit
+
+    floats = prepared["images"][0].astype(np.float32) / np.float32(255.0) + np.float32(0.0013)  # between levels
+    as_floats = run_job(engine, {"images": [floats, prepared["images"][1]]}, params())
+    as_8_bits = run_job(engine, {"images": [eight_bit(floats), prepared["images"][1]]}, params())
+    assert torch.equal(as_floats, as_8_bits)
