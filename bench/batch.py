@@ -87,3 +87,37 @@ def model_sizes(root: Path, model: Optional[Path]) -> dict[str, int]:
         return daemon.cache.sizes()
     finally:
         daemon.shutdown()
+
+
+def job_values(size: int, steps: int) -> dict:
+    return {"megapixels": size * size / 1024 / 1024, "steps": steps}
+
+
+def direct_loop(settings, root: Path, count: int, size: int, steps: int) -> float:
+    """Seconds for the engine loop a script would write over ``count`` images: prepare, the four
+    operations, save a PNG (the input images exist before the clock starts, as the daemon's
+    dropped jobs do; one warm-up image first, as the daemon's warm-up job)."""
+    from config import StageParameters
+    from processor.encode import image_bytes
+    from stages import ModelCache, create_engine
+    from stages.prepare import prepare
+
+    engine = create_engine(settings, ModelCache())
+    params = StageParameters(**job_values(size, steps))
+    out = root / "direct"
+    out.mkdir(parents=True)
+    images = {i: make_image(root / "direct-in" / f"{i}.png", (size, size), colour(i)) for i in [10_000, *range(count)]}
+
+    def one(i: int) -> None:
+        prepared = prepare([("image1", images[i])], params, settings.max_image_pixels)
+        latent = engine.encode_latent(prepared, params)
+        text = engine.encode_text(prepared, params, "make the sky purple", "")
+        sampled = engine.sample(prepared, latent, text, params, i, None, None)
+        decoded = engine.decode(sampled, params)
+        (out / f"{i}.png").write_bytes(image_bytes(decoded["image"], "png", 95, {}))
+
+    one(10_000)
+    started = time.perf_counter()
+    for i in range(count):
+        one(i)
+    return time.perf_counter() - started

@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import random
 import signal
-import sqlite3
 import subprocess
 import sys
 import tempfile

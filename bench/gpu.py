@@ -49,7 +49,7 @@ from batch import colour, drain, drop_jobs, settings_for
 from memory import Peak
 
 from config import StageParameters
-from processor import publish
+from processor.encode import image_bytes
 from processor.daemon import Daemon
 from stages.prepare import prepare
 from stages.tiny_model import (ENGINE_HINTS, QWEN_IMAGE_SCHEDULER, SPECIAL_TOKENS, TEXT_HIDDEN, VISION_PATCH,
@@ -254,7 +254,7 @@ def one_job(engine, settings, params: StageParameters, image: Path, seed: int, o
     run("sample", lambda: engine.sample(state["prepare"], state["encode_latent"], state["encode_text"], params,
                                         seed, None, on_step if meter is not None else None))
     run("decode", lambda: engine.decode(state["sample"], params))
-    out.write_bytes(publish.image_bytes(state["decode"]["image"], "png", 95, {}))
+    out.write_bytes(image_bytes(state["decode"]["image"], "png", 95, {}))
     return {"stages": stages, "step_seconds": [round(s, 4) for s in step_times]}
 
 

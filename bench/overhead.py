@@ -29,47 +29,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from batch import ROOT, colour, drain, drop_jobs, settings_for
+from batch import ROOT, direct_loop, job_values, drain, drop_jobs, settings_for
 from sqlalchemy import event
 
-from config import StageParameters
-from processor import publish
 from processor.daemon import Daemon
-from stages import ModelCache, create_engine
-from stages.prepare import prepare
 from stages.tiny_model import build_tiny_model
-from tests.daemon import make_image
-
-
-def job_values(size: int, steps: int) -> dict:
-    return {"megapixels": size * size / 1024 / 1024, "steps": steps}
 
 
 def direct(model: Path, root: Path, count: int, threads: int, size: int, steps: int) -> float:
-    """The engine loop a script would write: read the image, run five operations, save a PNG
-    (the input images exist before the clock starts, as the daemon's dropped jobs do)."""
-    settings = settings_for(root, model, threads=threads)
-    engine = create_engine(settings, ModelCache())
-    params = StageParameters(**job_values(size, steps))
-    out = root / "direct"
-    out.mkdir(parents=True)
-
-    images = {i: make_image(root / "direct-in" / f"{i}.png", (size, size), colour(i)) for i in [10_000, *range(count)]}
-
-    def one(i: int) -> None:
-        image = images[i]
-        prepared = prepare([("image1", image)], params, settings.max_image_pixels)
-        latent = engine.encode_latent(prepared, params)
-        text = engine.encode_text(prepared, params, "make the sky purple", "")
-        sampled = engine.sample(prepared, latent, text, params, i, None, None)
-        decoded = engine.decode(sampled, params)
-        (out / f"{i}.png").write_bytes(publish.image_bytes(decoded["image"], "png", 95, {}))
-
-    one(10_000)  # warm-up
-    started = time.perf_counter()
-    for i in range(count):
-        one(i)
-    return time.perf_counter() - started
+    """The engine loop a script would write (``batch.direct_loop``)."""
+    return direct_loop(settings_for(root, model, threads=threads), root, count, size, steps)
 
 
 @dataclass

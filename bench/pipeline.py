@@ -24,47 +24,19 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from batch import ROOT, colour, drop_jobs, settings_for
+from batch import ROOT, direct_loop, job_values, drop_jobs, settings_for
 
-from config import StageParameters
-from processor import publish
 from processor.daemon import Daemon
-from stages import ModelCache, create_engine
-from stages.prepare import prepare
-from tests.daemon import Folders, make_image, tiny_job
-
-
-def job_values(size: int, steps: int) -> dict:
-    return {"megapixels": size * size / 1024 / 1024, "steps": steps}
+from tests.daemon import Folders, tiny_job
 
 
 def direct(root: Path, count: int, unit: float, size: int, steps: int) -> float:
-    settings = settings_for(root, None, fake={"unit_seconds": unit})
-    engine = create_engine(settings, ModelCache())
-    params = StageParameters(**job_values(size, steps))
-    out = root / "direct"
-    out.mkdir(parents=True)
-    images = {i: make_image(root / "direct-in" / f"{i}.png", (size, size), colour(i)) for i in [10_000, *range(count)]}
-
-    def one(i: int) -> None:
-        prepared = prepare([("image1", images[i])], params, settings.max_image_pixels)
-        latent = engine.encode_latent(prepared, params)
-        text = engine.encode_text(prepared, params, "make the sky purple", "")
-        sampled = engine.sample(prepared, latent, text, params, i, None, None)
-        decoded = engine.decode(sampled, params)
-        (out / f"{i}.png").write_bytes(publish.image_bytes(decoded["image"], "png", 95, {}))
-
-    one(10_000)  # warm-up, as the daemon's
-    started = time.perf_counter()
-    for i in range(count):
-        one(i)
-    return time.perf_counter() - started
+    return direct_loop(settings_for(root, None, fake={"unit_seconds": unit}), root, count, size, steps)
 
 
 def through_daemon(root: Path, count: int, unit: float, size: int, steps: int) -> float:

@@ -40,7 +40,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 from config import Settings
 from db import Database, jobs, utcnow

@@ -33,12 +33,11 @@ from config import MAX_NAME_BYTES, NUMBER_MARKER, JobSpec, Published, Settings, 
 from config.untrusted import control_characters
 from db import Database, Job, checkpoints, jobs, utcnow
 from processor import files
-from processor.encode import image_bytes  # noqa: F401 - part of this module's interface
 from processor.faults import fault_point
 from processor.inbox import remove_empty_dirs, unique_path
 from processor.manifest import build_manifest, engine_text
 from processor.output import Output, make_output, source_of
-from processor.plan import FINAL, JobPlan
+from processor.plan import JobPlan
 from stages import Engine
 
 log = logging.getLogger(__name__)

@@ -207,9 +207,6 @@ HOME_DIRECTORIES = ("/home", "/root", "/run/user")
 TMP_DIRECTORIES = ("/tmp", "/var/tmp")
 """What ``PrivateTmp=`` replaces with empty folders of the service's own."""
 
-_NETWORK_SETTING = re.compile(r"(_urls?$|^webhooks?(_|$)|^web_|^listen|^http_)")
-
-
 def existing_groups(names: list[str]) -> list[str]:
     """The groups of ``names`` that exist on this machine (a unit naming a missing one fails)."""
     found = []
@@ -252,15 +249,16 @@ def service_groups(dev: Path = Path("/dev")) -> list[str]:
 
 def network_uses(settings: Mapping[str, Any]) -> list[str]:
     """The settings that need the network: a database server (``database_url`` other than
-    SQLite), and any setting naming a URL to reach or an address to listen on (``*_url``,
-    ``webhook*``, ``web_*``, ``listen*``). Empty: the unit cuts the service off the network."""
+    SQLite), the web server (``http_listen`` other than ``off``), notification URLs, and
+    ``notify_job_urls`` (a preset or job file may then name a URL to notify). Empty: the unit
+    cuts the service off the network."""
     uses = []
-    for name, value in settings.items():
-        if not value or not _NETWORK_SETTING.search(name):
-            continue
-        if isinstance(value, str) and value.split(":", 1)[0].split("+", 1)[0] in ("sqlite", "file"):
-            continue  # a local database file
-        uses.append(name)
+    database = settings.get("database_url")
+    if database and str(database).split(":", 1)[0].split("+", 1)[0] not in ("sqlite", "file"):
+        uses.append("database_url")
+    if settings.get("http_listen", "off") != "off":
+        uses.append("http_listen")
+    uses += [name for name in ("notify_urls", "notify_webhook_url", "notify_job_urls") if settings.get(name)]
     return uses
 
 

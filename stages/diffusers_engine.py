@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
@@ -564,7 +563,7 @@ class DiffusersEngine:
 
         sigmas = self.base_sigmas(params)  # validates sampler/scheduler before loading anything
         transformer = self._transformer(params)
-        device, dtype = self.device, self.dtype
+        device = self.device
         height, width = int(latent["height"]), int(latent["width"])
         scale = 8  # vae_scale_factor of Qwen-Image's VAE (2 ** len(temperal_downsample))
         channels = transformer.config.in_channels // 4

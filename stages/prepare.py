@@ -9,7 +9,6 @@ is made 8-bit sRGB first (``stages/colour.py``: bit depths, modes, ICC profiles)
 from __future__ import annotations
 
 import logging
-import math
 import warnings
 from pathlib import Path
 from typing import Optional, Sequence

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from config import Settings
 from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE
 from processor.systemd import (RESTART_EXIT_STATUS, RESTART_PREVENT_EXIT_STATUS, Notifier, UnitOptions, check_unit,
                                existing_groups, gpu_device_groups, installed_version, network_uses, service_groups,
@@ -263,7 +264,8 @@ def test_doctor_reports_a_unit_whose_user_groups_or_paths_are_missing(folders: F
                                  groups=["video", "no-such-group"], network=[]))
     path = folders.root / "qie.service"
     path.write_text(unit)
-    result = folders.run("doctor", "--json", "--unit", str(path), QIE_DATABASE_URL="postgresql://db.example/qie")
+    result = folders.run("doctor", "--json", "--unit", str(path), QIE_DATABASE_URL="postgresql://db.example/qie",
+                         QIE_HTTP_LISTEN="off", QIE_NOTIFY_JOB_URLS="false")
     assert result.returncode == 1
     check = next(c for c in json.loads(result.stdout)["checks"] if c["check"] == f"unit {path}")
     assert not check["ok"]
@@ -324,8 +326,12 @@ def test_what_needs_the_network_is_read_from_the_settings():
     assert network_uses({"database_url": None, "state": "state.db"}) == []
     assert network_uses({"database_url": "sqlite:////var/lib/qie/state.db"}) == []
     assert network_uses({"database_url": "postgresql+psycopg://qie@db/qie"}) == ["database_url"]
-    assert network_uses({"webhook_url": "https://example.com/hook", "web_listen": "0.0.0.0:8080",
-                         "listen_port": 0}) == ["webhook_url", "web_listen"]
+    assert network_uses({"http_listen": "off", "notify_urls": [], "notify_job_urls": False}) == []
+    assert network_uses({"http_listen": "127.0.0.1:8765", "notify_urls": ["ntfys://ntfy.sh/topic"],
+                         "notify_webhook_url": "https://example.com/hook", "notify_job_urls": True}) == \
+        ["http_listen", "notify_urls", "notify_webhook_url", "notify_job_urls"]
+    # The defaults: the web pages on 127.0.0.1, and notification URLs that presets may name.
+    assert network_uses(Settings().model_dump()) == ["http_listen", "notify_job_urls"]
 
 
 def test_the_network_is_cut_off_unless_a_setting_needs_it():

@@ -12,7 +12,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
+import urllib.error
+import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -92,15 +95,25 @@ class Service:
     def journal(self) -> list[dict[str, Any]]:
         """What the manager logged about the unit and what the daemon logged."""
         if self.user_unit:
-            return self.box.journal(f"_SYSTEMD_USER_UNIT={self.unit}.service", "+", f"USER_UNIT={self.unit}.service")
+            # A process that exits at once may be gone before journald reads its unit from /proc;
+            # its main PID (from the sender's credentials) still names its messages.
+            pid = self.show("ExecMainPID").get("ExecMainPID", "0")
+            by_pid = ["+", f"_PID={pid}"] if pid not in ("", "0") else []
+            return self.box.journal(f"_SYSTEMD_USER_UNIT={self.unit}.service", "+", f"USER_UNIT={self.unit}.service",
+                                    *by_pid)
         return self.box.journal(f"--unit={self.unit}")
 
     def main_pid(self) -> str:
         return self.show("MainPID")["MainPID"]
 
     def wait_for(self, predicate, what: str, timeout: float = 300):
-        return self.box.wait_for(predicate, timeout=timeout, what=f"{what} ({self.unit})",
-                                 unit=None if self.user_unit else self.unit)
+        try:
+            return self.box.wait_for(predicate, timeout=timeout, what=f"{what} ({self.unit})",
+                                     unit=None if self.user_unit else self.unit)
+        except AssertionError as exc:
+            if not self.user_unit:
+                raise
+            raise AssertionError(f"{exc}\n" + "\n".join(_messages(self.journal())[-40:])) from None
 
     def wait_for_output(self, name: str = "edit") -> bytes:
         """The published image, once the job is recorded as done too (the two happen apart)."""
@@ -410,6 +423,20 @@ def postgres():
     server.stop()
 
 
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_status(url: str) -> Optional[int]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status
+    except (OSError, urllib.error.URLError):
+        return None
+
+
 def _job_states(postgres, url: str) -> dict[str, str]:
     with postgres.connect(url.rsplit("/", 1)[1]) as conn:
         return dict(conn.execute("SELECT name, state FROM jobs ORDER BY id").fetchall())
@@ -418,19 +445,24 @@ def _job_states(postgres, url: str) -> dict[str, str]:
 def test_a_unit_for_a_postgresql_server_reaches_it_over_the_network_and_runs_the_job(make_service, postgres,
                                                                                     main_run):
     url = postgres.create_database(tcp=True)
-    service = make_service("postgres", QIE_DATABASE_URL=url)
+    port = _free_port()
+    service = make_service("postgres", QIE_DATABASE_URL=url, QIE_HTTP_LISTEN=f"127.0.0.1:{port}")
     service.folders.drop("edit", JOB)
     unit = unit_values(service.install())
     assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"] and "PrivateNetwork" not in unit
     assert service.ctl("start", service.unit, check=False).returncode == 0
     assert service.wait_for_output() == main_run.output
     service.wait_for(lambda: _job_states(postgres, url) == {"edit": "done"}, what="the job recorded as done")
+    # The web pages the daemon serves are reachable too (the container shares this machine's network).
+    service.wait_for(lambda: _http_status(f"http://127.0.0.1:{port}/healthz") == 200, what="/healthz answering")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/jobs", timeout=10) as response:
+        assert [job["name"] for job in json.load(response)["jobs"]] == ["edit"]
     assert service.ctl("stop", service.unit, check=False).returncode == 0
 
 
 def test_a_unit_written_when_nothing_used_the_network_cannot_reach_a_server_configured_later_and_doctor_says_so(
         box, make_service, postgres):
-    service = make_service("offline")
+    service = make_service("offline", QIE_HTTP_LISTEN="off", QIE_NOTIFY_JOB_URLS="false")
     config = service.folders.root / "qie-hotfolder.toml"
     config.write_text('log_level = "INFO"\n')
     unit = unit_values(service.install())

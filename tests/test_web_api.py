@@ -229,7 +229,7 @@ def test_uploads_land_in_the_inbox_as_drops(tmp_path: Path):
 
 @pytest.mark.parametrize("data, files, status, reason", [
     ({"preset": "winter"}, [("photos", ("notes.txt", b"hello", "text/plain"))], 400, "not an image name"),
-    ({"preset": "winter"}, [("photos", ("fake.png", b"not a png at all", "image/png"))], 400, "not an image Pillow can read"),
+    ({"preset": "winter"}, [("photos", ("fake.png", b"not a png at all", "image/png"))], 400, "not an image this daemon can read"),
     ({"preset": "winter"}, [("photos", ("half.png", png_bytes()[:60], "image/png"))], 400, "fake"),
     ({"preset": "winter"}, [("photos", (".hidden.png", png_bytes(), "image/png"))], 400, "hidden or temporary"),
     ({"preset": "winter"}, [("photos", ("../../escape.png", png_bytes(), "image/png"))], 400, "not a plain file name"),
