@@ -31,7 +31,7 @@ from processor import publish
 from processor.faults import fault_point
 from processor.lease import Heartbeat
 from processor.logs import job_context
-from processor.plan import PUBLISH, JobPlan, Planner
+from processor.plan import FINAL, PUBLISH, JobPlan, Planner
 from processor.store import CheckpointStore, Run
 from processor.writer import Writer
 from stages import BY_NAME, Engine, PermanentError, RetryableError, Stage, StageCall, StageInterrupted, classify
@@ -93,7 +93,7 @@ class JobRunner:
                 raise unit.error
             plan = self.planner.plan(job)
             if unit.stage == PUBLISH:
-                image = self._obtain(BY_NAME[publish.FINAL], job, plan)
+                image = self._obtain(BY_NAME[FINAL], job, plan)
                 return self._publish(job, plan, image)
             stage = BY_NAME[unit.stage]
             self.before_compute(plan.chain[stage.name])
