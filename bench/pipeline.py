@@ -73,7 +73,7 @@ def run_until(daemon: Daemon, finished) -> None:
 def drop_latency(root: Path, unit: float, drops: int) -> tuple[list[float], list[float]]:
     """Seconds from each drop to its row, and to its line in ``run.py status``, while a unit runs."""
     folders = Folders(root, env_extra={"QIE_FAKE__UNIT_SECONDS": str(unit), "QIE_SETTLE_SECONDS": "2",
-                                       "QIE_LOG_LEVEL": "WARNING"})
+                                       "QIE_LOG_LEVEL": "INFO"})
     to_row, to_status = [], []
     with folders.serve() as daemon:
         daemon.wait_ready()
@@ -100,7 +100,8 @@ def drop_latency(root: Path, unit: float, drops: int) -> tuple[list[float], list
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--unit-seconds", type=float, nargs="+", default=[1.0, 0.1])
+    parser.add_argument("--unit-seconds", type=float, nargs="*", default=[1.0, 0.1],
+                        help="none: only the drop latency")
     parser.add_argument("--jobs", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--size", type=int, default=512, help="image side in pixels")

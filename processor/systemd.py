@@ -315,7 +315,7 @@ class UnitOptions:
         return cls(python=f"{base}/.venv/bin/python", run_py=f"{base}/run.py", working_directory=base,
                    config_file=f"{base}/qie-hotfolder.toml",
                    writable=[f"{base}/{name}" for name in ("inbox", "outbox", "failed", "archive", "work", "data")],
-                   readable=[base], user="qie",
+                   readable=[base], user="qie", network=["http_listen", "notify_job_urls"],  # the defaults
                    comment="An example with paths under /srv/qie-hotfolder: `python run.py install-service` writes\n"
                            "# one with this machine's paths, groups and network needs. See docs/operations.md.\n"
                            "# (Generated: a test checks it matches processor/systemd.py.)")

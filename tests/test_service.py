@@ -336,6 +336,7 @@ def test_what_needs_the_network_is_read_from_the_settings():
 
 def test_the_network_is_cut_off_unless_a_setting_needs_it():
     options = UnitOptions.example()
+    options.network = []
     cut_off = unit_values(unit_text(options))
     assert (cut_off["PrivateNetwork"], cut_off["IPAddressDeny"], cut_off["RestrictAddressFamilies"]) == \
         (["yes"], ["any"], ["AF_UNIX"])
@@ -401,7 +402,7 @@ def test_restarts_are_prevented_for_every_exit_status_listed_in_one_place():
 
 def test_a_user_unit_uses_only_what_a_user_manager_can_apply():
     options = UnitOptions.example()
-    options.user_unit = True
+    options.user_unit, options.network = True, []
     values = unit_values(unit_text(options))
     assert not values.keys() & {"User", "SupplementaryGroups", "ProtectSystem", "ProtectHome", "PrivateTmp",
                                 "PrivateNetwork", "CapabilityBoundingSet", "ReadWritePaths", "IPAddressDeny"}
