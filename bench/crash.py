@@ -131,14 +131,14 @@ def reference_outputs(root: Path, model: Optional[Path], names: list[str]) -> di
 
 def check(folders: Folders, expected: dict[str, bytes], campaign: Campaign) -> None:
     problems = campaign.problems
-    rows = folders.db_rows("SELECT name, state FROM jobs")
-    made = Counter(name for name, _ in rows)
+    rows = folders.db_rows("SELECT name, state, error FROM jobs")
+    made = Counter(name for name, _, _ in rows)
     for name in campaign.jobs:
         if made[name] != 1:
             problems.append(f"{name}: {made[name]} jobs made from one drop")
-    for name, state in rows:
+    for name, state, error in rows:
         if state != "done":
-            problems.append(f"{name}: {state}")
+            problems.append(f"{name}: {state}" + (f" ({error})" if error else ""))
     published = {p.name for p in folders.outbox.iterdir()}
     wanted = {f"{n}.png" for n in campaign.jobs} | {f"{n}.json" for n in campaign.jobs}
     if published != wanted:
