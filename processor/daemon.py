@@ -170,6 +170,7 @@ class Daemon:
         self.intake: Optional[IngestLoop] = None
         self.prefetcher: Optional[Prefetcher] = None
         self._engine: Optional[Engine] = None
+        self._engine_lock = threading.Lock()
         self._signals = 0
         self._trouble = 0  # consecutive failed rounds of the loop
         self.restart_requested = False
@@ -255,17 +256,21 @@ class Daemon:
         return self.intake.ingestor if self.intake is not None else None
 
     def engine(self) -> Engine:
-        """The engine, created (and its models found) on first use."""
-        if self._engine is None:
-            # Importing the engine's libraries (and building the tiny model) reports no progress
-            # for seconds, minutes from a cold disk: ask systemd for the time, as for a model load.
-            self.notifier.extend_timeout(self.settings.model_load_timeout, f"starting the {self.settings.engine} engine")
-            ensure_tiny_model(self.settings)
-            if self.cache.budget_bytes is None:
-                # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.
-                device = "cpu" if self.settings.engine in ("comfyui", "fake") else self.settings.device
-                self.cache.budget_bytes = memory_budget(device)
-            self._engine = create_engine(self.settings, self.cache)
+        """The engine, created (and its models found) on first use, by whichever thread asks
+        first; the others wait for it."""
+        with self._engine_lock:
+            return self._engine or self._create_engine()
+
+    def _create_engine(self) -> Engine:
+        # Importing the engine's libraries (and building the tiny model) reports no progress
+        # for seconds, minutes from a cold disk: ask systemd for the time, as for a model load.
+        self.notifier.extend_timeout(self.settings.model_load_timeout, f"starting the {self.settings.engine} engine")
+        ensure_tiny_model(self.settings)
+        if self.cache.budget_bytes is None:
+            # ComfyUI moves models between GPU and RAM itself: our cache bounds RAM there.
+            device = "cpu" if self.settings.engine in ("comfyui", "fake") else self.settings.device
+            self.cache.budget_bytes = memory_budget(device)
+        self._engine = create_engine(self.settings, self.cache)
         return self._engine
 
     def _recover(self) -> None:

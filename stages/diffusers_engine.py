@@ -115,6 +115,24 @@ class _TextEncoderBundle:
         return self.model.buffers()
 
 
+def import_libraries() -> None:
+    """Import every library module the engine uses, in the thread that makes the engine, before
+    any other thread does. diffusers, transformers and peft import lazily, and two threads
+    importing the same half-initialised modules at once (a model loading ahead while a stage
+    runs) can each get the other's partial module: "cannot import name ... from partially
+    initialized module", and a process whose every later job fails."""
+    import peft.tuners.lora.layer  # noqa: F401 - the LoRA layers diffusers' loaders import
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,  # noqa: F401
+                           QwenImageEditPlusPipeline, QwenImageTransformer2DModel)
+    from diffusers.hooks import apply_group_offloading, apply_layerwise_casting  # noqa: F401
+    from diffusers.hooks.layerwise_casting import DEFAULT_SKIP_MODULES_PATTERN  # noqa: F401
+    from diffusers.loaders import lora_pipeline  # noqa: F401
+    from diffusers.models.model_loading_utils import load_gguf_checkpoint  # noqa: F401
+    from diffusers.pipelines.qwenimage.pipeline_qwenimage_edit_plus import calculate_dimensions  # noqa: F401
+    from diffusers.utils.torch_utils import randn_tensor  # noqa: F401
+    from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer, Qwen2VLProcessor  # noqa: F401
+
+
 class DiffusersEngine:
     """The Engine protocol (stages/engine.py) on diffusers' QwenImageEditPlus components."""
 
@@ -129,6 +147,7 @@ class DiffusersEngine:
         self._sizes: Optional[ModelSizes] = None
         # Results differ in the last bits between thread counts: fix it (DESIGN section 3).
         torch.set_num_threads(settings.effective_threads)
+        import_libraries()
 
     # Identity ----------------------------------------------------------------------------------
 
