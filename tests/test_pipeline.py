@@ -4,6 +4,8 @@ slow disk does not hold up the next stage."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 from tests.daemon import Folders, tiny_job
 
@@ -40,3 +42,32 @@ def test_a_slow_disk_does_not_hold_up_the_next_stage(folders: Folders):
     # Once done, every stage's checkpoint is recorded, in the order the stages ran.
     assert [stage for stage, hit, _, error in folders.stage_runs(1)] == [
         "prepare", "encode_text", "encode_latent", "sample", "decode"]
+
+
+def test_the_engine_is_made_once_when_two_threads_ask_for_it_at_once(tmp_path, monkeypatch):
+    # The compute loop and the thread that works ahead both ask for the engine; two engines would
+    # import the engine's libraries in two threads at once, which leaves half-initialised modules.
+    import processor.daemon as daemon_module
+    from config import load_settings
+
+    made = []
+
+    def slow_create_engine(settings, cache):
+        made.append(threading.current_thread().name)
+        time.sleep(0.3)
+        return create_engine(settings, cache)
+
+    create_engine = daemon_module.create_engine
+    monkeypatch.setattr(daemon_module, "create_engine", slow_create_engine)
+    settings = load_settings(None, engine="fake", http_listen="off",
+                             state=tmp_path / "state.db",
+                             **{name: tmp_path / name for name in ("inbox", "outbox", "failed", "archive", "work")})
+    daemon = daemon_module.Daemon(settings)
+    engines = []
+    threads = [threading.Thread(target=lambda: engines.append(daemon.engine())) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+
+    assert len(made) == 1 and len(engines) == 2 and engines[0] is engines[1]
