@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import pytest
 
 from db import Database, jobs, utcnow
+from db.database import current_revision, head_revision
 from tests.daemon import Folders, tiny_job
 from tests.postgres import PgFolders, PostgresServer, Unavailable
 # The queue's state rules again, on PostgreSQL: collected here, they get this module's ``db``.
@@ -157,9 +158,18 @@ def test_the_schema_and_its_migrations_work_on_postgresql(pg_url):
 
 
 def test_daemons_starting_together_on_an_empty_database_create_the_schema_once(pg_url):
-    databases = in_threads(6, lambda _i: Database(pg_url))
-    for database in databases:
-        database.close()
+    databases = in_threads(6, lambda _i: Database(pg_url))  # any daemon's error is raised here
+    try:
+        assert len(databases) == 6 and all(isinstance(database, Database) for database in databases)
+        assert all(current_revision(database.engine) == head_revision() for database in databases)
+        with databases[0].engine.connect() as connection:
+            assert connection.exec_driver_sql("SELECT count(*) FROM alembic_version").scalar() == 1
+        job_ids = new_jobs(databases[1], 3)  # the schema is whole: one daemon writes, another reads
+        with databases[5].begin() as session:
+            assert sorted(job.id for job in jobs.list_jobs(session, limit=10)) == sorted(job_ids)
+    finally:
+        for database in databases:
+            database.close()
 
 
 # Claiming ------------------------------------------------------------------------------------------
