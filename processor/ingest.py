@@ -98,7 +98,7 @@ class Ingestor:
         self._presets_usable: set[str] = set()  # presets found usable since their last error
         self._named: dict[str, tuple[tuple, frozenset[str]]] = {}  # job file -> (its signature, what it names)
         self._job_folders: set[str] = set()  # the job folders of this scan (also once ingested during it)
-        self._decoded: dict[Path, Optional[tuple[int, int]]] = {}  # images that decoded, at that size and mtime
+        self._decoded: dict[Path, tuple[tuple, tuple[int, int]]] = {}  # images that decoded: (signature, size)
         self._engine_ratio: Optional[tuple[float, str]] = None  # the engine's max_aspect_ratio
 
     def scan(self, now: float, touched: Optional[set[str]] = None) -> ScanResult:
@@ -284,7 +284,10 @@ class Ingestor:
                 return f"{key} ({relative_name(path, candidate.folder)}) still being written"
         for key, path in images.items():
             version = signature(path)
-            if self._decoded.get(path) == version:
+            decoded = self._decoded.get(path)
+            if decoded is not None and decoded[0] == version:
+                # Decoded before (by this or another job): its proportions are this job's to check.
+                self._check_proportions(candidate, key, path, decoded[1], params)
                 continue
             try:
                 image = load_image(path, key, self.settings.max_image_pixels)
@@ -295,7 +298,7 @@ class Ingestor:
                     return f"{key} ({relative_name(path, candidate.folder)}) is not a complete image yet"
                 raise JobFileError(candidate.source, str(exc), key) from exc
             self._check_proportions(candidate, key, path, image.size, params)
-            self._decoded[path] = version
+            self._decoded[path] = (version, image.size)
         return None
 
     def _check_proportions(self, candidate: Candidate, key: str, path: Path, size: tuple[int, int],

@@ -358,3 +358,18 @@ def test_a_job_folder_waiting_for_a_missing_image_is_not_listed_again_and_again(
         assert daemon.stop() == 0
     # Postconditions: while it waited its folder was not listed (before: twice a pass).
     assert listed == 0
+
+
+def test_two_jobs_naming_one_photo_each_have_their_own_proportions_checked(folders: Folders):
+    # The photo decodes once (for "fine", first by name); "wide"'s custom output size (64:1) is still checked.
+    make_image(folders.inbox / "shared.png", colour=(10, 20, 200))
+    (folders.inbox / "fine.json").write_text(json.dumps(tiny_job(image1="shared.png", seed=1)))
+    (folders.inbox / "wide.json").write_text(json.dumps(tiny_job(image1="shared.png", seed=2, width=4096,
+                                                                   height=64)))
+
+    result = folders.run("serve", "--once")
+
+    assert result.returncode == 0, result.stderr
+    assert folders.job_states() == {"fine": "done"}
+    report = errors(folders)["wide"]
+    assert report["stage"] == "ingest" and report["field"] == "width" and "64:1" in report["error"], report
