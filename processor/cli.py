@@ -14,15 +14,9 @@ from typing import Any, Optional, Sequence
 
 from config import CLI_FLAGS, ConfigurationError, JobFileError, Settings, job_schema, load_settings, parse_job_file
 from config.untrusted import printable
+from processor.exits import EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_RESTART, EXIT_USER
 
 log = logging.getLogger("qie")
-
-
-# Exit statuses: the unit file does not restart the daemon on the ones a restart cannot mend.
-EXIT_USER = 1  # the command could not do what was asked (or another daemon holds the folders)
-EXIT_CONFIGURATION = 2  # the settings cannot work
-EXIT_DATABASE = 3  # the database is damaged, or of a schema this version cannot use
-EXIT_RESTART = 75  # SIGHUP: stopped at a checkpoint to be started again (systemd restarts it at once)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -303,10 +297,8 @@ def cmd_install_service(args: argparse.Namespace) -> int:
         return 0
     if args.output:
         target = Path(args.output)
-    elif args.user_unit:
-        target = Path.home() / ".config" / "systemd" / "user" / f"{args.name}.service"
     else:
-        target = Path("/etc/systemd/system") / f"{args.name}.service"
+        target = systemd.installed_units(args.name)[1 if args.user_unit else 0]
     _make_folders([*settings.folders().values(), *([state.parent] if state else [])], user)
     problems = check()
     if problems:  # a unit that cannot start is not written

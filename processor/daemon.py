@@ -28,8 +28,6 @@ lease expired).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import fcntl
 import json
 import logging
@@ -128,10 +126,9 @@ def write_status_file(path: Path, status: dict) -> None:
 
 def release_free_memory() -> None:
     """``malloc_trim(0)`` where the C library has it (glibc); nothing elsewhere."""
-    try:
-        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    trim = getattr(files.libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
 
 
 def ensure_tiny_model(settings: Settings) -> None:
@@ -171,6 +168,7 @@ class Daemon:
         self.prefetcher: Optional[Prefetcher] = None
         self._engine: Optional[Engine] = None
         self._engine_lock = threading.Lock()
+        self._device_name: Optional[str] = None
         self._signals = 0
         self._trouble = 0  # consecutive failed rounds of the loop
         self.restart_requested = False
@@ -472,9 +470,9 @@ class Daemon:
 
     def _device(self) -> str:
         """The engine's device, asked once it exists (it does not change)."""
-        if getattr(self, "_device_name", None) is None and self._engine is not None:
+        if self._device_name is None and self._engine is not None:
             self._device_name = self._engine.device_name()
-        return getattr(self, "_device_name", None) or self.settings.device
+        return self._device_name or self.settings.device
 
     def _recover_when_due(self, now: float) -> None:
         if now >= self._next_recovery:

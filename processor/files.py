@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import errno
+import functools
 import hashlib
 import logging
 import os
@@ -114,11 +115,18 @@ _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
 
-def _renameat2() -> Optional[Callable]:
+@functools.cache
+def libc() -> Optional[ctypes.CDLL]:
+    """The C library, found once (``find_library`` runs ``ldconfig``); None where it cannot load."""
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        function = libc.renameat2
-    except (OSError, AttributeError):
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+    except OSError:
+        return None
+
+
+def _renameat2() -> Optional[Callable]:
+    function = getattr(libc(), "renameat2", None)
+    if function is None:
         return None
     function.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
     function.restype = ctypes.c_int
@@ -216,6 +224,18 @@ def copy_tree(source: Path, target: Path) -> list[str]:
         copy_durably(path, target / relative)
         copied.append(relative.as_posix())
     return copied
+
+
+def move_files(paths: Iterable[Path], base: Path, destination: Path) -> list[str]:
+    """Move files (paths below ``base``) to the same relative paths below ``destination``, each
+    as ``move_file`` does; those already gone are left out. Their relative paths, POSIX style."""
+    moved = []
+    for path in paths:
+        if os.path.lexists(path):
+            relative = path.relative_to(base)
+            move_file(path, destination / relative)
+            moved.append(relative.as_posix())
+    return moved
 
 
 def move_file(source: Path, target: Path) -> None:

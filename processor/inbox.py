@@ -24,7 +24,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import shutil
 import stat
 import unicodedata
 from dataclasses import dataclass, field
@@ -350,20 +349,6 @@ def unique_path(folder: Path, stem: str, suffixes: Iterable[str] = ("",)) -> tup
         if not any(os.path.lexists(folder / f"{name}{suffix}") for suffix in suffixes):
             return folder / name, name
         counter += 1
-
-
-def move_files(files: Iterable[Path], base: Path, destination: Path) -> list[str]:
-    """Move files (paths below ``base``) to the same relative paths below ``destination``."""
-    moved = []
-    for path in files:
-        if not os.path.lexists(path):
-            continue
-        relative = path.relative_to(base)
-        target = destination / relative
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(path), str(target))
-        moved.append(str(relative))
-    return moved
 
 
 def remove_empty_dirs(top: Path) -> None:

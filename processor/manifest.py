@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import platform
+from datetime import datetime
 from typing import Any
 
 from config import IMAGE_KEYS, JobSpec, Settings
@@ -13,8 +14,11 @@ from stages import Engine
 
 
 def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, runs: list[StageRun],
-                   attempts: int, crashes: int, model_loads: dict[str, int]) -> dict[str, Any]:
+                   attempts: int, crashes: int, model_loads: dict[str, int],
+                   engine_metadata: dict[str, str]) -> dict[str, Any]:
+    """The manifest; ``engine_metadata`` is the engine's text for the image (``engine_text``)."""
     spec = job.spec
+    published_at = utcnow()
     return {
         "job": {"id": job.id, "name": job.name, "source": job.source,
                 "created_at": job.created_at.isoformat(timespec="seconds") + "Z",
@@ -32,22 +36,22 @@ def build_manifest(settings: Settings, job: Job, plan: JobPlan, engine: Engine, 
         "fingerprints": plan.chain,
         "stages": [stage_row(run) for run in runs],
         "model_loads_for_this_job": model_loads,
-        "timing": timing(job),
+        "timing": timing(job, published_at),
         "model_cache": engine.cache.stats.as_dict(),
         "host": platform.node(),
-        "published_at": utcnow().isoformat(timespec="seconds") + "Z",
+        "published_at": published_at.isoformat(timespec="seconds") + "Z",
         # What the image's own text carries for the engine (ComfyUI: its "prompt" and "workflow").
-        "engine_metadata": {key: _parsed(text) for key, text in engine_text(engine, spec).items()},
+        "engine_metadata": {key: _parsed(text) for key, text in engine_metadata.items()},
     }
 
 
-def timing(job: Job) -> dict[str, Any]:
+def timing(job: Job, published_at: datetime) -> dict[str, Any]:
     """When the job was queued, started and published, and what was estimated when it was queued."""
     def stamp(value):
         return value.isoformat(timespec="seconds") + "Z" if value is not None else None
 
     return {"queued_at": stamp(job.created_at), "started_at": stamp(job.started_at),
-            "published_at": stamp(utcnow()), "estimated_start_when_queued": stamp(job.estimated_start),
+            "published_at": stamp(published_at), "estimated_start_when_queued": stamp(job.estimated_start),
             "estimated_finish_when_queued": stamp(job.estimated_finish)}
 
 

@@ -18,6 +18,7 @@ as its outputs go into ``outbox/<preset>/``.
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import logging
@@ -94,7 +95,7 @@ def publish_job(settings: Settings, db: Database, worker: str, job: Job, plan: J
     def encode(name: str) -> Output:
         return make_output(spec, params, final, source, f"{name}.json", text)
 
-    manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads)
+    manifest = build_manifest(settings, job, plan, engine, runs, attempts, crashes, model_loads, text)
     written = _write_outputs(db, job, outbox, name, encode, params.output_format, manifest)
     originals = "kept for the other jobs of the same drop" if keep_originals else _archive(settings, job)
     result = Published(image=str(written["image"]), manifest=str(written["manifest"]), sha256=written["sha256"],
@@ -205,12 +206,7 @@ def report_rejected(settings: Settings, name: str, base: Path, moved_files: Iter
     failed, name = _nested(settings.failed, name)
     failed.mkdir(parents=True, exist_ok=True)
     folder, name = unique_path(failed, name, ("", ".error.json"))
-    moved = []
-    for path in moved_files:
-        if os.path.lexists(path):
-            relative = path.relative_to(base)
-            files.move_file(path, folder / relative)
-            moved.append(relative.as_posix())
+    moved = files.move_files(moved_files, base, folder)
     report = {"job": name, "source": source, "error": error, "field": field, "kind": "permanent",
               "stage": "ingest", "files": moved, "at": _now(),
               "hint": "fix the job file, then move the files in this folder back into the inbox"}
@@ -234,7 +230,7 @@ def remove_failure_report(settings: Settings, name: str, job_id: int) -> list[Pa
     other jobs with the same name stay. The paths removed."""
     failed, leaf = _nested(settings.failed, name)
     removed = []
-    for report in sorted(failed.glob(f"{glob_escape(leaf)}*.error.json")):
+    for report in sorted(failed.glob(f"{glob.escape(leaf)}*.error.json")):
         try:
             if json.loads(report.read_text()).get("job_id") != job_id:
                 continue
@@ -247,10 +243,6 @@ def remove_failure_report(settings: Settings, name: str, job_id: int) -> list[Pa
         report.unlink(missing_ok=True)
         removed.append(report)
     return removed
-
-
-def glob_escape(text: str) -> str:
-    return "".join(f"[{c}]" if c in "*?[" else c for c in text)
 
 
 def archive_originals(settings: Settings, job_id: int, name: str, originals: Path) -> Optional[Path]:

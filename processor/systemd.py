@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
-from processor.cli import EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_RESTART
+from processor.exits import EXIT_CONFIGURATION, EXIT_DATABASE, EXIT_RESTART
 
 log = logging.getLogger(__name__)
 
@@ -460,7 +460,7 @@ def _file_system_lines(options: UnitOptions) -> list[str]:
     readable = [path for path in outermost([options.python, options.run_py, options.working_directory,
                                             *([options.config_file] if options.config_file else []),
                                             *options.readable])
-                if not any(path == w or Path(w) in Path(path).parents for w in writable)]
+                if not within(path, tuple(writable))]
     hidden = HOME_DIRECTORIES + TMP_DIRECTORIES
     lines = ["# The file system is read-only but for the folders the daemon writes.",
              "ProtectSystem=strict",
